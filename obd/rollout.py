@@ -1,0 +1,124 @@
+"""Vectorised rollouts in gymnasium MuJoCo envs: evaluation episodes and transition collection.
+
+A policy here is any callable ``(n_envs, obs_dim) float32 array -> (n_envs, act_dim) array``.
+Envs are gymnasium ``SyncVectorEnv`` (faster than async on 2 cores) with SAME_STEP autoreset, so
+a finished episode's last observation arrives in ``info["final_obs"]`` on the step that ends it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode
+
+Policy = Callable[[np.ndarray], np.ndarray]
+
+
+def make_vec_env(env_id: str, n_envs: int) -> gym.vector.VectorEnv:
+    return gym.make_vec(
+        env_id,
+        num_envs=n_envs,
+        vectorization_mode="sync",
+        vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
+    )
+
+
+def evaluate_episodes(env_id: str, policy: Policy, n_episodes: int = 10, seed: int = 0,
+                      n_envs: int | None = None) -> np.ndarray:
+    """Undiscounted return of ``n_episodes`` full episodes, run ``n_envs`` at a time. Returns (n_episodes,)."""
+    n_envs = min(n_episodes, n_envs or n_episodes)
+    envs = make_vec_env(env_id, n_envs)
+    returns: list[float] = []
+    # Each env runs a fixed quota of episodes so short episodes are not over-represented.
+    quota = np.full(n_envs, n_episodes // n_envs) + (np.arange(n_envs) < n_episodes % n_envs)
+    obs, _ = envs.reset(seed=seed)
+    running = np.zeros(n_envs)
+    try:
+        while len(returns) < n_episodes:
+            obs, rew, term, trunc, _ = envs.step(np.asarray(policy(obs.astype(np.float32)), dtype=np.float32))
+            running += rew
+            for i in np.flatnonzero(term | trunc):
+                if quota[i] > 0:
+                    returns.append(float(running[i]))
+                    quota[i] -= 1
+                running[i] = 0.0
+    finally:
+        envs.close()
+    return np.asarray(returns[:n_episodes])
+
+
+@dataclass
+class Transitions:
+    """Flat transitions, episodes contiguous. Arrays have a leading dimension N."""
+
+    observations: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    next_observations: np.ndarray
+    terminals: np.ndarray
+    timeouts: np.ndarray
+    qpos: np.ndarray
+    qvel: np.ndarray
+
+    @staticmethod
+    def concat(parts: list["Transitions"]) -> "Transitions":
+        return Transitions(*(np.concatenate([getattr(p, f) for p in parts]) for f in Transitions.__dataclass_fields__))
+
+
+def collect_transitions(env_id: str, policy: Policy, n_steps: int, seed: int = 0, n_envs: int = 8,
+                        progress: Callable[[int], None] | None = None) -> Transitions:
+    """Run ``policy`` for ``n_steps`` transitions in total, split over ``n_envs`` envs.
+
+    Each env's stream is stored contiguously, so episodes stay contiguous; the last, unfinished
+    episode of each env is cut with ``timeouts = True``, as D4RL does at the end of its buffers.
+    """
+    n_envs = max(1, min(n_envs, n_steps))
+    per_env = np.full(n_envs, n_steps // n_envs) + (np.arange(n_envs) < n_steps % n_envs)
+    T = int(per_env.max())
+    envs = make_vec_env(env_id, n_envs)
+    obs_dim = envs.single_observation_space.shape[0]
+    act_dim = envs.single_action_space.shape[0]
+    mj = envs.envs[0].unwrapped
+    nq, nv = mj.model.nq, mj.model.nv
+    buf = {
+        "observations": np.zeros((T, n_envs, obs_dim), np.float32),
+        "actions": np.zeros((T, n_envs, act_dim), np.float32),
+        "rewards": np.zeros((T, n_envs), np.float32),
+        "next_observations": np.zeros((T, n_envs, obs_dim), np.float32),
+        "terminals": np.zeros((T, n_envs), bool),
+        "timeouts": np.zeros((T, n_envs), bool),
+        "qpos": np.zeros((T, n_envs, nq), np.float32),
+        "qvel": np.zeros((T, n_envs, nv), np.float32),
+    }
+    obs, _ = envs.reset(seed=seed)
+    try:
+        for t in range(T):
+            for i, e in enumerate(envs.envs):  # physics state before the step, as D4RL's infos/qpos
+                buf["qpos"][t, i] = e.unwrapped.data.qpos
+                buf["qvel"][t, i] = e.unwrapped.data.qvel
+            act = np.clip(np.asarray(policy(obs.astype(np.float32)), dtype=np.float32), -1.0, 1.0)
+            nxt, rew, term, trunc, info = envs.step(act)
+            done = term | trunc
+            real_next = nxt.copy()
+            if done.any():
+                real_next[done] = np.stack(info["final_obs"][done])
+            buf["observations"][t] = obs
+            buf["actions"][t] = act
+            buf["rewards"][t] = rew
+            buf["next_observations"][t] = real_next
+            buf["terminals"][t] = term
+            buf["timeouts"][t] = trunc & ~term
+            obs = nxt
+            if progress is not None:
+                progress(int((t < per_env).sum()))
+    finally:
+        envs.close()
+    last = per_env - 1
+    cut = ~(buf["terminals"][last, np.arange(n_envs)] | buf["timeouts"][last, np.arange(n_envs)])
+    buf["timeouts"][last[cut], np.arange(n_envs)[cut]] = True
+    # (T, n_envs, ...) -> env-major flat order, dropping each env's steps beyond its quota.
+    keep = (np.arange(T)[:, None] < per_env[None, :]).T.reshape(-1)
+    flat = {k: np.swapaxes(v, 0, 1).reshape(T * n_envs, *v.shape[2:])[keep] for k, v in buf.items()}
+    return Transitions(**flat)
