@@ -1,0 +1,112 @@
+"""State-density weights for SDW: w(s) proportional to p(s)^(-alpha), mean 1.
+
+Density: a Gaussian kernel density estimate over the k nearest reference states (faiss),
+
+    log p(s) = logsumexp_j( -||s - r_j||^2 / (2 h^2) ) + const,   j over the k nearest r_j != s,
+
+on normalized states (zero mean, unit variance per dimension). Bandwidth rule: Scott's,
+h = n_ref^(-1 / (d + 4)) for unit-variance data, so wider kernels for smaller reference sets.
+Truncating the kernel sum to k neighbours drops terms that are negligible at that bandwidth.
+
+Search: exact (``IndexFlatL2``) when queries x references is small; otherwise an IVF index
+(``IndexIVFFlat``, nlist ~ 4 sqrt(n_ref), ``nprobe`` lists searched) over at most
+``max_reference`` randomly chosen reference states. Approximate neighbour distances suffice here:
+the weights are a smooth function of them and are clipped.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+
+
+@dataclass
+class DensityConfig:
+    alpha: float = 1.0  # w ~ p^-alpha; 0 gives uniform weights (plain OBD)
+    k: int = 10  # neighbours in the kernel sum
+    clip: float | None = 10.0  # cap on w / mean(w), then renormalized to mean 1; None: no cap
+    max_reference: int = 200_000  # reference subsample above this size
+    exact_limit: float = 2e10  # queries * references up to this use exact search
+    nprobe: int = 8
+    seed: int = 0
+
+
+def knn_sq_distances(queries: np.ndarray, reference: np.ndarray, k: int, exact_limit: float = 2e10,
+                     nprobe: int = 8, exclude_self: bool = False, seed: int = 0) -> np.ndarray:
+    """Squared L2 distances to the k nearest reference points, (n, k) float32 (ascending).
+
+    ``exclude_self``: ``queries`` is ``reference``; each point's zero distance to itself is dropped.
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    r = np.ascontiguousarray(reference, dtype=np.float32)
+    d = r.shape[1]
+    kk = min(k + int(exclude_self), r.shape[0])
+    if float(q.shape[0]) * r.shape[0] <= exact_limit:
+        index: faiss.Index = faiss.IndexFlatL2(d)
+    else:
+        nlist = int(min(max(16, 4 * math.sqrt(r.shape[0])), r.shape[0] // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+        train = r if r.shape[0] <= 64 * nlist else r[np.random.default_rng(seed).choice(r.shape[0], 64 * nlist, False)]
+        index.train(train)
+        index.nprobe = nprobe
+    index.add(r)
+    dist, idx = index.search(q, kk)
+    if exclude_self:
+        # Drop each row's own index where found, else its farthest neighbour.
+        own = idx == np.arange(q.shape[0])[:, None]
+        own[~own.any(1), -1] = True
+        dist = dist[~own].reshape(q.shape[0], kk - 1)
+    missing = dist < 0  # IVF returns -1 ids / huge distances when a probe finds too few points
+    if missing.any():
+        dist = np.where(missing | (dist > 3e38), np.nan, dist)
+        dist = np.where(np.isnan(dist), np.nanmax(dist, axis=1, keepdims=True), dist)
+    return np.maximum(dist, 0.0)
+
+
+def log_density(states: np.ndarray, cfg: DensityConfig) -> np.ndarray:
+    """log p(s) up to an additive constant for each row of ``states`` (N, d) -> (N,) float64."""
+    n, d = states.shape
+    rng = np.random.default_rng(cfg.seed)
+    if n > cfg.max_reference:
+        ref_idx = np.sort(rng.choice(n, cfg.max_reference, replace=False))
+        ref = states[ref_idx]
+        # Queries that are in the reference set would see themselves at distance 0: search one more
+        # neighbour for everyone and drop the self-match where it occurs.
+        dist = knn_sq_distances(states, ref, cfg.k + 1, cfg.exact_limit, cfg.nprobe, seed=cfg.seed)
+        in_ref = np.zeros(n, bool)
+        in_ref[ref_idx] = True
+        dist = np.where(in_ref[:, None], dist[:, 1:], dist[:, :-1])
+    else:
+        ref = states
+        dist = knn_sq_distances(states, ref, cfg.k, cfg.exact_limit, cfg.nprobe, exclude_self=True, seed=cfg.seed)
+    h = ref.shape[0] ** (-1.0 / (d + 4))
+    z = -dist.astype(np.float64) / (2 * h * h)
+    zmax = z.max(1, keepdims=True)
+    return (zmax + np.log(np.exp(z - zmax).sum(1, keepdims=True)))[:, 0]
+
+
+def weights_from_log_density(logp: np.ndarray, alpha: float, clip: float | None) -> np.ndarray:
+    """w = p^-alpha / mean, capped at ``clip`` x mean and renormalized; alpha = 0 gives exactly 1."""
+    if alpha == 0:
+        return np.ones_like(logp, dtype=np.float32)
+    lw = -alpha * logp
+    w = np.exp(lw - lw.max())
+    w /= w.mean()
+    if clip is not None:
+        for _ in range(20):  # capping lowers the mean, so cap and renormalize until stable
+            w = np.minimum(w, clip)
+            w /= w.mean()
+            if w.max() <= clip * (1 + 1e-6):
+                break
+    return w.astype(np.float32)
+
+
+def density_weights(states: np.ndarray | torch.Tensor, cfg: DensityConfig) -> np.ndarray:
+    """SDW weights for normalized states (N, d): (N,) float32, mean 1."""
+    s = states.numpy() if isinstance(states, torch.Tensor) else np.asarray(states)
+    if cfg.alpha == 0:
+        return np.ones(s.shape[0], np.float32)
+    return weights_from_log_density(log_density(s, cfg), cfg.alpha, cfg.clip)

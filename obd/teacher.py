@@ -1,0 +1,257 @@
+"""Teacher pi*(s) and critic Q(s, a) from offline RL, used by PBC and Av-PBC/SDW.
+
+Default: TD3+BC (Fujimoto & Gu, 2021; CORL's defaults) on normalized states, fast on CPU.
+Also loads CORL-format checkpoints (Cal-QL, as the published OBD teachers): a dict whose
+``actor`` is a tanh-Gaussian policy (``base_network`` of three 256-unit hidden layers and a
+``2 * act_dim`` head) and whose ``critic1`` is a Q-network (``network``: two 256-unit hidden layers
+on concat(normalized state, action)). Such files also pickle optimizer states and small modules
+defined in the training script's ``__main__``; :func:`load_corl_checkpoint` reads them with an
+unpickler that builds inert placeholders for every class outside torch's tensor machinery, so no
+foreign code runs.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import pickle
+import time
+import types
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from obd.nets import EnsembleCritic, TanhGaussianActor, mlp
+
+
+@dataclass
+class TD3BCConfig:
+    steps: int = 1_000_000  # paper default; budgets shorten it
+    batch_size: int = 256
+    hidden: tuple[int, ...] = (256, 256)
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    gamma: float = 0.99
+    tau: float = 0.005
+    policy_noise: float = 0.2
+    noise_clip: float = 0.5
+    policy_freq: int = 2
+    alpha: float = 2.5  # BC trade-off: lambda = alpha / mean|Q|
+    seed: int = 0
+
+
+class DeterministicActor(nn.Module):
+    """a = tanh(MLP(s)): TD3+BC's actor. (B, obs_dim) -> (B, act_dim)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...]):
+        super().__init__()
+        self.net = mlp(obs_dim, act_dim, hidden)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(obs))
+
+
+class TanhMeanActor(nn.Module):
+    """Deterministic action tanh(mu(s)) of a tanh-Gaussian policy (CORL's ``act`` in eval mode)."""
+
+    def __init__(self, actor: TanhGaussianActor):
+        super().__init__()
+        self.actor = actor
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.actor.deterministic(obs)
+
+
+class QNetwork(nn.Module):
+    """Q(s, a) = MLP(concat(s, a)); (B, obs_dim), (B, act_dim) -> (B,)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...] = (256, 256)):
+        super().__init__()
+        self.net = mlp(obs_dim + act_dim, 1, hidden)
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, act], -1)).squeeze(-1)
+
+
+@dataclass
+class Teacher:
+    """pi*: normalized state -> action in [-1, 1]; Q: (normalized state, action) -> value."""
+
+    actor: nn.Module
+    critic: nn.Module
+    info: dict
+
+    @torch.no_grad()
+    def actions_and_values(self, obs_norm: torch.Tensor, batch: int = 65_536) -> tuple[torch.Tensor, torch.Tensor]:
+        """pi*(s) (N, act_dim) and Q(s, pi*(s)) (N,) for all states, in chunks."""
+        acts, qs = [], []
+        for chunk in obs_norm.split(batch):
+            a = self.actor(chunk)
+            acts.append(a)
+            qs.append(self.critic(chunk, a))
+        return torch.cat(acts), torch.cat(qs)
+
+    def save(self, path: Path) -> None:
+        torch.save({"actor": self.actor.state_dict(), "critic": self.critic.state_dict(), "info": json.dumps(self.info),
+                    "kind": self.info["kind"]}, path)
+
+
+def train_td3bc(obs: torch.Tensor, act: torch.Tensor, rew: torch.Tensor, next_obs: torch.Tensor,
+                terminals: torch.Tensor, cfg: TD3BCConfig, show_progress: bool = True) -> Teacher:
+    """TD3+BC on normalized states. obs/next_obs (N, obs_dim), act (N, act_dim), rew/terminals (N,)."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    obs_dim, act_dim = obs.shape[1], act.shape[1]
+    actor = DeterministicActor(obs_dim, act_dim, cfg.hidden)
+    actor_t = copy.deepcopy(actor).requires_grad_(False)
+    critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden, n=2)
+    critic_t = copy.deepcopy(critic).requires_grad_(False)
+    a_opt = torch.optim.Adam(actor.parameters(), lr=cfg.actor_lr, fused=True)
+    c_opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, fused=True)
+    not_done = 1.0 - terminals.float()
+    params_c, params_ct = list(critic.parameters()), list(critic_t.parameters())
+    params_a, params_at = list(actor.parameters()), list(actor_t.parameters())
+    t0 = time.time()
+    for it in tqdm(range(cfg.steps), desc="teacher TD3+BC", disable=not show_progress, unit="step", smoothing=0.05):
+        idx = torch.randint(0, obs.shape[0], (cfg.batch_size,), generator=gen)
+        o, a, r, o2, nd = obs[idx], act[idx], rew[idx], next_obs[idx], not_done[idx]
+        with torch.no_grad():
+            noise = (torch.randn(a.shape, generator=gen) * cfg.policy_noise).clamp(-cfg.noise_clip, cfg.noise_clip)
+            a2 = (actor_t(o2) + noise).clamp(-1.0, 1.0)
+            target = r + cfg.gamma * nd * critic_t(o2, a2).min(0).values
+        c_loss = ((critic(o, a) - target) ** 2).mean(1).sum()
+        c_opt.zero_grad(set_to_none=True)
+        c_loss.backward()
+        c_opt.step()
+        if it % cfg.policy_freq == 0:
+            critic.requires_grad_(False)
+            pi = actor(o)
+            q = critic(o, pi)[0]
+            lmbda = cfg.alpha / q.abs().mean().detach()
+            a_loss = -lmbda * q.mean() + ((pi - a) ** 2).mean()
+            a_opt.zero_grad(set_to_none=True)
+            a_loss.backward()
+            a_opt.step()
+            critic.requires_grad_(True)
+            with torch.no_grad():
+                torch._foreach_lerp_(params_ct, params_c, cfg.tau)
+                torch._foreach_lerp_(params_at, params_a, cfg.tau)
+    q1 = QNetwork(obs_dim, act_dim, cfg.hidden)
+    _ensemble_member_into(critic, 0, q1)
+    info = {"kind": "td3bc", "config": asdict(cfg), "train_seconds": round(time.time() - t0, 1)}
+    return Teacher(actor.eval(), q1.eval(), info)
+
+
+def _ensemble_member_into(ens: EnsembleCritic, i: int, q: QNetwork) -> None:
+    lins = [m for m in q.net if isinstance(m, nn.Linear)]
+    elins = [m for m in ens.net if not isinstance(m, nn.ReLU)]
+    with torch.no_grad():
+        for lin, el in zip(lins, elins):
+            lin.weight.copy_(el.weight[i].T)
+            lin.bias.copy_(el.bias[i, 0])
+
+
+def load_teacher_file(path: Path) -> Teacher:
+    """A teacher saved by :meth:`Teacher.save`."""
+    d = torch.load(path, weights_only=True)
+    info = json.loads(d["info"])
+    actor_sd, critic_sd = d["actor"], d["critic"]
+    obs_dim = critic_sd["net.0.weight"].shape[1] - _act_dim_of(actor_sd, info["kind"])
+    act_dim = _act_dim_of(actor_sd, info["kind"])
+    hidden = tuple(w.shape[0] for k, w in critic_sd.items() if k.endswith("weight"))[:-1]
+    critic = QNetwork(obs_dim, act_dim, hidden)
+    critic.load_state_dict(critic_sd)
+    a_hidden = tuple(w.shape[0] for k, w in actor_sd.items() if k.endswith("weight"))[:-1]
+    if info["kind"] == "td3bc":
+        actor: nn.Module = DeterministicActor(obs_dim, act_dim, a_hidden)
+    else:
+        actor = TanhMeanActor(TanhGaussianActor(obs_dim, act_dim, a_hidden))
+    actor.load_state_dict(actor_sd)
+    return Teacher(actor.eval(), critic.eval(), info)
+
+
+def _act_dim_of(actor_sd: dict, kind: str) -> int:
+    out = [w for k, w in actor_sd.items() if k.endswith("weight")][-1].shape[0]
+    return out if kind == "td3bc" else out // 2
+
+
+# ---------------------------------------------------------------- CORL checkpoints, read safely
+
+_ALLOWED = {
+    ("collections", "OrderedDict"), ("copyreg", "_reconstructor"), ("_codecs", "encode"),
+    ("torch", "Size"), ("torch", "device"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    *{("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "bool", "str",
+                                "bytes", "bytearray", "complex", "slice", "object")},
+}
+
+
+class _Inert:
+    """Stands in for any class of the training script: accepts construction and state, runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.__dict__["_state"] = state
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Tensors, storages, containers and dtypes are rebuilt; every other global becomes an inert class."""
+
+    def find_class(self, module: str, name: str):
+        if ((module, name) in _ALLOWED or (module == "torch._utils" and name.startswith("_rebuild"))
+                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+            return super().find_class(module, name)
+        return type(name, (_Inert,), {"__module__": module})
+
+
+_safe_pickle = types.SimpleNamespace(Unpickler=_SafeUnpickler, load=lambda f, **kw: _SafeUnpickler(f, **kw).load(),
+                                     __name__="obd_safe_pickle")
+
+
+def load_corl_checkpoint(path: str | Path, obs_dim: int, act_dim: int) -> Teacher:
+    """pi* and Q1 from a CORL checkpoint (``actor`` + ``critic1`` state dicts); nothing else is built."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such teacher checkpoint")
+    raw = path.read_bytes()
+    try:
+        ck = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False, pickle_module=_safe_pickle)
+    except Exception as e:  # corrupt zip, refused global, truncated file
+        raise ValueError(f"{path}: cannot read as a CORL checkpoint ({e})") from None
+    if not isinstance(ck, dict) or "actor" not in ck or "critic1" not in ck:
+        keys = list(ck)[:10] if isinstance(ck, dict) else type(ck).__name__
+        raise ValueError(f"{path}: a CORL checkpoint has 'actor' and 'critic1' state dicts; found {keys}")
+    a_sd = {k.replace("base_network.", "net."): v for k, v in ck["actor"].items() if k.startswith("base_network.")}
+    c_sd = {k.replace("network.", "net."): v for k, v in ck["critic1"].items() if k.startswith("network.")}
+    a_w = [v for k, v in a_sd.items() if k.endswith("weight")]
+    c_w = [v for k, v in c_sd.items() if k.endswith("weight")]
+    if not a_w or not c_w:
+        raise ValueError(f"{path}: 'actor' lacks base_network.* or 'critic1' lacks network.* weights")
+    if a_w[0].shape[1] != obs_dim or a_w[-1].shape[0] != 2 * act_dim or c_w[0].shape[1] != obs_dim + act_dim:
+        raise ValueError(f"{path}: networks are for obs/act dims {a_w[0].shape[1]}/{a_w[-1].shape[0] // 2}, "
+                         f"the task has {obs_dim}/{act_dim}")
+    actor = TanhGaussianActor(obs_dim, act_dim, tuple(w.shape[0] for w in a_w[:-1]))
+    actor.load_state_dict(a_sd)
+    critic = QNetwork(obs_dim, act_dim, tuple(w.shape[0] for w in c_w[:-1]))
+    critic.load_state_dict(c_sd)
+    info = {"kind": "corl", "path": str(path), "total_it": int(ck["total_it"]) if "total_it" in ck else None}
+    return Teacher(TanhMeanActor(actor).eval(), critic.eval(), info)
+
+
+def teacher_numpy_policy(teacher: Teacher, mean: np.ndarray, std: np.ndarray):
+    """pi* on raw env observations (normalizes them first), for rollouts."""
+    m, s = torch.as_tensor(mean), torch.as_tensor(std)
+
+    @torch.no_grad()
+    def policy(obs: np.ndarray) -> np.ndarray:
+        return teacher.actor((torch.as_tensor(obs) - m) / s).numpy()
+
+    return policy
