@@ -122,9 +122,11 @@ class OBDDataModule(pl.LightningDataModule):
         log.info("teacher %s: normalized return %s", key, info.get("normalized_return"))
         return teacher, info
 
-    def _measure_teacher(self, teacher: Teacher) -> dict:
+    def _measure_teacher(self, teacher: Teacher) -> dict | None:
         from obd.rollout import evaluate_episodes
 
+        if not self.cfg.teacher_eval_episodes:
+            return None
         rets = evaluate_episodes(self.task.env_id, teacher_numpy_policy(teacher, self.mean.numpy(), self.std.numpy()),
                                  self.cfg.teacher_eval_episodes, seed=self.seed + 777)
         scores = self.task.normalized_score(rets)

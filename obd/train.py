@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import warnings
 import platform
 import subprocess
 import sys
@@ -30,6 +31,9 @@ from obd.distill import BehaviorDistillation, DistillConfig
 from obd.evaluate import EvalConfig, EvaluationCallback, evaluate_synthetic, save_synthetic
 
 log = logging.getLogger("obd.train")
+# Lightning's advice for manual optimization does not apply: the synthetic set is checkpointed after its step.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
 
 
 @dataclass
@@ -66,7 +70,7 @@ def merge(cfg, updates: dict, where: str = ""):
     names = {f.name: f for f in dataclasses.fields(cfg)}
     for k, v in updates.items():
         if k not in names:
-            raise ValueError(f"unknown setting {where}{k!r}; known: {', '.join(names)}")
+            raise ValueError(f"unknown setting '{where}{k}'; known: {', '.join(names)}")
         cur = getattr(cfg, k)
         if dataclasses.is_dataclass(cur) and isinstance(v, dict):
             merge(cur, v, f"{where}{k}.")
@@ -149,7 +153,7 @@ def run(cfg: TrainConfig, resume: bool = False, show_progress: bool = True, extr
             dm.start_step = int(torch.load(ckpt_path, weights_only=False, map_location="cpu")["global_step"])
             log.info("resuming from %s at outer step %d", ckpt_path, dm.start_step)
         if loggers is None:
-            loggers = [CSVLogger("lightning_logs", name=f"{task.name}-{method}", version=f"s{seed}-{out.name}")]
+            loggers = [CSVLogger("lightning_logs", name=f"{task.name}-{method}-s{seed}")]
             if cfg.wandb:
                 loggers.append(make_wandb_logger(cfg, out, f"{task.name}-{method}-s{seed}", [task.name, method]))
         for lg in loggers:
@@ -159,6 +163,7 @@ def run(cfg: TrainConfig, resume: bool = False, show_progress: bool = True, extr
                              enable_progress_bar=show_progress, enable_model_summary=False, log_every_n_steps=1,
                              accelerator="cpu", devices=1, num_sanity_val_steps=0, deterministic=False)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # the final state, with the final evaluation
         states, actions = module.synthetic()
         history = evaluator.history
         final = {k: history[-1][k] for k in ("normalized_return_mean", "normalized_return_std", "episode_scores")}

@@ -12,7 +12,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def isolated_dirs(tmp_path, monkeypatch):
-    """Every test gets its own OBD_DATA_DIR and Minari store."""
+    """Every test gets its own OBD_DATA_DIR, Minari store and working directory (lightning_logs/, runs/)."""
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OBD_DATA_DIR", str(tmp_path / "obd"))
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     return tmp_path

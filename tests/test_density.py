@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+from obd.density import DensityConfig, density_weights, knn_sq_distances
+
+
+def mixture(n_common=3000, n_rare=60, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    common = rng.normal(0.0, 0.5, (n_common, d))
+    rare = rng.normal(4.0, 0.5, (n_rare, d))
+    return np.concatenate([common, rare]).astype(np.float32), n_common
+
+
+@pytest.mark.parametrize("exact_limit", [2e10, 0])  # exact search, and the IVF path
+def test_rare_cluster_gets_larger_weights(exact_limit):
+    x, n_common = mixture()
+    w = density_weights(x, DensityConfig(alpha=1.0, k=10, clip=None, exact_limit=exact_limit))
+    assert w.shape == (len(x),) and w.dtype == np.float32
+    assert w.mean() == pytest.approx(1.0, rel=1e-5)
+    assert np.median(w[n_common:]) > 5 * np.median(w[:n_common])
+
+
+def test_alpha_zero_is_uniform_and_clip_caps():
+    x, _ = mixture()
+    np.testing.assert_array_equal(density_weights(x, DensityConfig(alpha=0.0)), np.ones(len(x), np.float32))
+    w = density_weights(x, DensityConfig(alpha=1.0, clip=3.0))
+    assert w.max() <= 3.0 * (1 + 1e-5) and w.mean() == pytest.approx(1.0, rel=1e-5)
+    # a larger alpha spreads the weights further
+    w_half = density_weights(x, DensityConfig(alpha=0.5, clip=None))
+    w_one = density_weights(x, DensityConfig(alpha=1.0, clip=None))
+    assert w_one.std() > w_half.std()
+
+
+def test_reference_subsample_keeps_ranking():
+    x, n_common = mixture(4000, 80)
+    full = density_weights(x, DensityConfig(alpha=1.0, clip=None))
+    sub = density_weights(x, DensityConfig(alpha=1.0, clip=None, max_reference=1000))
+    assert np.corrcoef(np.log(full), np.log(sub))[0, 1] > 0.8
+    assert np.median(sub[n_common:]) > 5 * np.median(sub[:n_common])
+
+
+def test_knn_excludes_self():
+    x = np.array([[0.0], [1.0], [3.0]], np.float32)
+    d = knn_sq_distances(x, x, 1, exclude_self=True)
+    np.testing.assert_allclose(d[:, 0], [1.0, 1.0, 4.0])
