@@ -8,7 +8,7 @@ TASK ?= halfcheetah-medium
 SIZE ?=
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv test data bench sweep sweep-worker report clean
+.PHONY: venv test data bench train clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,12 @@ test: venv
 
 data: venv
 	$(PY) -m obd.data collect $(TASK) $(if $(SIZE),--size $(SIZE))
+
+bench: venv
+	$(PY) -m obd.bench
+
+train: venv
+	$(PY) -m obd.train --task $(TASK) $(if $(METHOD),--method $(METHOD)) $(if $(BUDGET),--budget $(BUDGET))
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -33,7 +33,7 @@ from obd.evaluate import EvalConfig, EvaluationCallback, evaluate_synthetic, sav
 log = logging.getLogger("obd.train")
 # Lightning's advice for manual optimization does not apply: the synthetic set is checkpointed after its step.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 @dataclass
@@ -83,7 +83,7 @@ def versions() -> dict:
     import faiss
     import gymnasium
     import mujoco
-    import pytorch_lightning
+    import lightning
 
     import obd
 
@@ -94,12 +94,12 @@ def versions() -> dict:
         commit = None
     return {"obd": obd.__version__, "git_commit": commit, "python": platform.python_version(),
             "torch": torch.__version__, "gymnasium": gymnasium.__version__, "mujoco": mujoco.__version__,
-            "faiss": faiss.__version__, "pytorch_lightning": pytorch_lightning.__version__}
+            "faiss": faiss.__version__, "lightning": lightning.__version__}
 
 
 def make_wandb_logger(cfg: TrainConfig, out: Path, name: str, tags: list[str]):
     """One W&B run per call; offline (syncable later with ``wandb sync``) unless logged in."""
-    from pytorch_lightning.loggers import WandbLogger
+    from lightning.pytorch.loggers import WandbLogger
 
     mode = os.environ.get("WANDB_MODE")
     if mode is None:
@@ -116,9 +116,9 @@ def _netrc_has_wandb() -> bool:
 def run(cfg: TrainConfig, resume: bool = False, show_progress: bool = True, extra_callbacks: list | None = None,
         loggers: list | None = None) -> dict:
     """Distil (or, for method 'random', sample) a synthetic set, evaluate it, write the outputs."""
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
 
     torch.set_num_threads(cfg.threads)
     method, seed = cfg.distill.method, cfg.distill.seed
@@ -242,7 +242,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    for noisy in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+    for noisy in ("lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = build_config(args)

@@ -1,0 +1,166 @@
+"""``make bench``: speed figures of this machine, printed and written to ``bench.json``.
+
+- one outer iteration at the published defaults (256 synthetic pairs, T = 100, 3x256 policy,
+  10 x 256 real states), Av-PBC and SDW weights, for the reverse-mode BPTT used by training
+  (``outer_iter_fast_s``) and the plain autograd unroll kept as the oracle (``outer_iter_ref_s``);
+- density weights for 1,000,000 states of dimension 17;
+- evaluation rollout throughput on HalfCheetah-v5 with the policy in the loop;
+- behaviour-SAC updates per second: ours (batched critic ensemble, fused Adam, foreach target
+  update) and a straightforward reference (two critics, Python-loop target updates).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from obd.density import DensityConfig, density_weights
+from obd.distill import init_policy, outer_grad_reverse, outer_grad_unrolled, policy_forward
+from obd.nets import TanhGaussianActor, mlp
+from obd.rollout import evaluate_episodes
+
+
+def _time(fn, repeat: int) -> float:
+    """Median wall time of ``repeat`` calls after one warm-up."""
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def bench_outer(repeat: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    S, A = torch.randn(256, 17, generator=g), torch.rand(256, 6, generator=g) * 2 - 1
+    p0 = init_policy(17, 6, (256, 256, 256), g)
+    obs, target = torch.randn(2560, 17, generator=g), torch.rand(2560, 6, generator=g) * 2 - 1
+    q_w = 0.02 * (300 + 50 * torch.randn(2560, generator=g)).clamp_min(0)
+    sdw_w = q_w * torch.from_numpy(np.random.default_rng(0).lognormal(0, 1, 2560).astype(np.float32))
+    out = {}
+    for name, w in (("avpbc", q_w), ("sdw", sdw_w)):
+        out[f"{name}_fast_s"] = _time(lambda: outer_grad_reverse(S, A, p0, obs, target, w, 100, 0.1), repeat)
+        out[f"{name}_ref_s"] = _time(lambda: outer_grad_unrolled(S, A, p0, obs, target, w, 100, 0.1), repeat)
+    return out
+
+
+def bench_rollout(episodes: int = 8) -> float:
+    g = torch.Generator().manual_seed(0)
+    p = init_policy(17, 6, (256, 256, 256), g)
+
+    @torch.no_grad()
+    def act(o):
+        return policy_forward(p, torch.from_numpy(o)).numpy()
+
+    t = time.perf_counter()
+    evaluate_episodes("HalfCheetah-v5", act, episodes, seed=0)  # halfcheetah episodes are 1000 steps
+    return episodes * 1000 / (time.perf_counter() - t)
+
+
+class _PlainSAC:
+    """Straightforward SAC update: two separate critics, a Python loop for the target update."""
+
+    def __init__(self, obs_dim: int, act_dim: int):
+        self.actor = TanhGaussianActor(obs_dim, act_dim)
+        self.q1, self.q2 = mlp(obs_dim + act_dim, 1, (256, 256)), mlp(obs_dim + act_dim, 1, (256, 256))
+        self.t1, self.t2 = copy.deepcopy(self.q1), copy.deepcopy(self.q2)
+        self.log_alpha = nn.Parameter(torch.zeros(()))
+        self.a_opt = torch.optim.Adam(self.actor.parameters(), lr=3e-4)
+        self.q_opt = torch.optim.Adam([*self.q1.parameters(), *self.q2.parameters()], lr=3e-4)
+        self.al_opt = torch.optim.Adam([self.log_alpha], lr=3e-4)
+
+    def update(self, o, a, r, o2, nd):
+        alpha = self.log_alpha.exp().detach()
+        with torch.no_grad():
+            a2, lp2 = self.actor.sample(o2)
+            x2 = torch.cat([o2, a2], 1)
+            y = r + 0.99 * nd * (torch.min(self.t1(x2), self.t2(x2)).squeeze(1) - alpha * lp2)
+        x = torch.cat([o, a], 1)
+        q_loss = ((self.q1(x).squeeze(1) - y) ** 2).mean() + ((self.q2(x).squeeze(1) - y) ** 2).mean()
+        self.q_opt.zero_grad()
+        q_loss.backward()
+        self.q_opt.step()
+        pi, lp = self.actor.sample(o)
+        xp = torch.cat([o, pi], 1)
+        a_loss = (alpha * lp - torch.min(self.q1(xp), self.q2(xp)).squeeze(1)).mean()
+        self.a_opt.zero_grad()
+        a_loss.backward()
+        self.a_opt.step()
+        al_loss = -(self.log_alpha * (lp.detach() - 6)).mean()
+        self.al_opt.zero_grad()
+        al_loss.backward()
+        self.al_opt.step()
+        with torch.no_grad():
+            for net, tgt in ((self.q1, self.t1), (self.q2, self.t2)):
+                for p, tp in zip(net.parameters(), tgt.parameters()):
+                    tp.data.mul_(0.995).add_(0.005 * p.data)
+
+
+def bench_sac(n: int) -> tuple[float, float]:
+    from obd.data.sac import SAC, SACConfig
+
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(256, 17, generator=g), torch.rand(256, 6, generator=g) * 2 - 1, torch.randn(256, generator=g),
+             torch.randn(256, 17, generator=g), torch.ones(256))
+    ours, plain = SAC(17, 6, SACConfig()), _PlainSAC(17, 6)
+    res = []
+    for agent in (ours, plain):
+        for _ in range(10):
+            agent.update(*batch)
+        t = time.perf_counter()
+        for _ in range(n):
+            agent.update(*batch)
+        res.append(n / (time.perf_counter() - t))
+    return res[0], res[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m obd.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--density-n", type=int, default=1_000_000)
+    p.add_argument("--sac-updates", type=int, default=300)
+    p.add_argument("--out", default="bench.json")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
+              f"{a.threads} threads"
+    print(f"machine: {machine}", flush=True)
+    outer = bench_outer(a.repeat)
+    print(f"outer iteration (published defaults), Av-PBC: fast {outer['avpbc_fast_s']:.3f} s, "
+          f"reference {outer['avpbc_ref_s']:.3f} s", flush=True)
+    print(f"outer iteration (published defaults), SDW:    fast {outer['sdw_fast_s']:.3f} s, "
+          f"reference {outer['sdw_ref_s']:.3f} s", flush=True)
+    x = np.random.default_rng(0).standard_normal((a.density_n, 17)).astype(np.float32)
+    t = time.perf_counter()
+    density_weights(x, DensityConfig())
+    dens = time.perf_counter() - t
+    print(f"density weights, {a.density_n:,} states x 17: {dens:.1f} s", flush=True)
+    torch.set_num_threads(1)
+    rollout = bench_rollout()
+    print(f"evaluation rollout, HalfCheetah-v5, policy in the loop: {rollout:,.0f} env steps/s", flush=True)
+    sac, sac_ref = bench_sac(a.sac_updates)
+    print(f"behaviour SAC updates/s (1 thread): ours {sac:.0f}, straightforward {sac_ref:.0f}", flush=True)
+    res = {"machine": machine, "outer_iter_fast_s": outer["avpbc_fast_s"], "outer_iter_ref_s": outer["avpbc_ref_s"],
+           "outer_iter_speedup": outer["avpbc_ref_s"] / outer["avpbc_fast_s"],
+           "outer_iter_sdw_fast_s": outer["sdw_fast_s"], "outer_iter_sdw_ref_s": outer["sdw_ref_s"],
+           "density_1m_s": dens, "density_n": a.density_n, "rollout_steps_per_s": rollout,
+           "sac_updates_per_s": sac, "sac_reference_updates_per_s": sac_ref}
+    print(f"outer iteration speed-up, fast / reference: {res['outer_iter_speedup']:.2f}x")
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
