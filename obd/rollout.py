@@ -71,13 +71,20 @@ def collect_transitions(env_id: str, policy: Policy, n_steps: int, seed: int = 0
                         progress: Callable[[int], None] | None = None) -> Transitions:
     """Run ``policy`` for ``n_steps`` transitions in total, split over ``n_envs`` envs.
 
-    Each env's stream is stored contiguously, so episodes stay contiguous; the last, unfinished
-    episode of each env is cut with ``timeouts = True``, as D4RL does at the end of its buffers.
+    Each env's stream is stored contiguously, so episodes stay contiguous; each env runs a whole
+    number of time limits where it can, and an episode still unfinished at the end of an env's
+    stream is cut with ``timeouts = True``, as D4RL does at the end of its buffers.
     """
     n_envs = max(1, min(n_envs, n_steps))
-    per_env = np.full(n_envs, n_steps // n_envs) + (np.arange(n_envs) < n_steps % n_envs)
-    T = int(per_env.max())
     envs = make_vec_env(env_id, n_envs)
+    # Whole time-limit blocks per env, so fixed-length episodes (halfcheetah) are never cut.
+    horizon = envs.envs[0].spec.max_episode_steps or 1
+    blocks = n_steps // horizon
+    per_env = horizon * (np.full(n_envs, blocks // n_envs) + (np.arange(n_envs) < blocks % n_envs))
+    per_env[np.argmin(per_env)] += n_steps - blocks * horizon
+    if (per_env == 0).any():  # fewer steps than envs x horizon: split evenly instead
+        per_env = np.full(n_envs, n_steps // n_envs) + (np.arange(n_envs) < n_steps % n_envs)
+    T = int(per_env.max())
     obs_dim = envs.single_observation_space.shape[0]
     act_dim = envs.single_action_space.shape[0]
     mj = envs.envs[0].unwrapped

@@ -61,6 +61,9 @@ BUDGETS: dict[str, dict] = {
     "quick": {"outer_steps": 300, "eval_every": 100, "checkpoint_every": 50,
               "data": {"teacher_cfg": {"steps": 30_000}, "teacher_eval_episodes": 5},
               "eval": {"episodes": 10}},
+    "sweep": {"outer_steps": 100, "eval_every": 25, "checkpoint_every": 50,
+              "data": {"teacher_cfg": {"steps": 30_000}, "teacher_eval_episodes": 5},
+              "eval": {"episodes": 5}},
     "paper": {"outer_steps": 50_000, "eval_every": 1_000, "data": {"teacher_cfg": {"steps": 1_000_000}}},
 }
 

@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 def isolated_dirs(tmp_path, monkeypatch):
     """Every test gets its own OBD_DATA_DIR, Minari store and working directory (lightning_logs/, runs/)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("OBD_DATA_DIR", str(tmp_path / "obd"))
+    monkeypatch.setenv("OBD_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     return tmp_path
 

@@ -83,7 +83,7 @@ def test_d4rl_url_and_cached_fetch(tmp_path, hopper_transitions, monkeypatch):
     t = get_task("halfcheetah-medium-replay-v2")
     assert d4rl_url(t).endswith("/gym_mujoco_v2/halfcheetah_medium_replay-v2.hdf5")
     # a file already in OBD_DATA_DIR/d4rl is used as is, with no network access
-    dest = tmp_path / "obd" / "d4rl" / "hopper_medium-v2.hdf5"
+    dest = tmp_path / "data" / "d4rl" / "hopper_medium-v2.hdf5"
     write_real_layout(dest, hopper_transitions)
     assert fetch_d4rl(get_task("hopper-medium")) == dest
     assert len(load_source("d4rl:hopper-medium")) == 600

@@ -23,7 +23,7 @@ def hopper_policies(tmp_path):
     """A tiny SAC run on Hopper-v5 exported as the policy file generation reads."""
     workdir = tmp_path / "sac"
     train_sac(get_task("hopper-medium"), SACConfig(total_steps=450, **TINY), workdir, show_progress=False)
-    out = tmp_path / "obd" / "policies" / "hopper.pt"
+    out = tmp_path / "data" / "policies" / "hopper.pt"
     meta = export_policy(get_task("hopper-medium"), workdir, out, episodes=2)
     return out, meta
 
@@ -85,7 +85,7 @@ def test_missing_expert_is_a_clear_error(tmp_path):
     cfg = json.loads((w / "config.json").read_text())
     cfg["total_steps"] = 10_000  # pretend training has not finished
     (w / "config.json").write_text(json.dumps(cfg))
-    export_policy(get_task("hopper-medium"), w, tmp_path / "obd" / "policies" / "hopper.pt", episodes=1)
+    export_policy(get_task("hopper-medium"), w, tmp_path / "data" / "policies" / "hopper.pt", episodes=1)
     with pytest.raises(DatasetError, match="no expert policy for hopper"):
         collect(get_task("hopper-expert"), 100, show_progress=False)
 

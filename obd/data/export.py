@@ -7,18 +7,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from obd.rollout import evaluate_episodes
+from obd.rollout import collect_transitions, evaluate_episodes
 
 from .generate import make_actor
 from .sac import actor_policy
 from .tasks import D4RL_BEHAVIOUR_SCORE, Task
 
 
-def export_policy(task: Task, workdir: Path, out: Path, episodes: int = 10, seed: int = 0, command: str = "") -> dict:
+def export_policy(task: Task, workdir: Path, out: Path, episodes: int = 10, seed: int = 0, command: str = "",
+                  select_steps: int = 50_000) -> dict:
     """Pick the medium snapshot (closest to D4RL's medium score), measure it, write ``out``.
 
-    The 3 snapshots closest to the target on their training-time estimate are re-measured over
-    ``episodes`` stochastic episodes; the closest wins. Snapshots up to it are kept in float16 for
+    The 3 snapshots closest to the target on their training-time estimate are re-measured as the
+    dataset they would produce (``select_steps`` transitions, D4RL's medium score is that of its
+    data) and the closest wins; the score written (and shown in the README) is a separate
+    measurement over ``episodes`` full episodes. Snapshots up to it are kept in float16 for
     medium-replay. ``expert`` is the last snapshot when training ran to its configured length.
     Returns the metadata written (measured scores included).
     """
@@ -32,19 +35,28 @@ def export_policy(task: Task, workdir: Path, out: Path, episodes: int = 10, seed
     target = D4RL_BEHAVIOUR_SCORE[task.env]["medium"]
     candidates = sorted(snaps, key=lambda s: abs(s["score"] - target))[:3]
 
-    def measure(snap: dict) -> np.ndarray:
-        rets = evaluate_episodes(task.env_id, actor_policy(make_actor(pf, snap["actor"]), True, seed), episodes,
-                                 seed=seed + 123)
+    def measure(snap: dict, n: int, eval_seed: int) -> np.ndarray:
+        rets = evaluate_episodes(task.env_id, actor_policy(make_actor(pf, snap["actor"]), True, eval_seed), n,
+                                 seed=eval_seed)
         return task.normalized_score(rets)
 
-    measured = [(s, measure(s)) for s in candidates]
-    med, med_scores = min(measured, key=lambda x: abs(x[1].mean() - target))
+    def data_score(snap: dict) -> float:
+        """Mean normalized episode return of a fixed-size rollout: the score of the dataset it would make
+        (short episodes weigh more than in an episode average, as in D4RL's files)."""
+        tr = collect_transitions(task.env_id, actor_policy(make_actor(pf, snap["actor"]), True, seed + 1),
+                                 select_steps, seed=seed + 1)
+        ends = tr.terminals | tr.timeouts
+        starts = np.concatenate([[0], np.flatnonzero(ends)[:-1] + 1])
+        return float(task.normalized_score(np.add.reduceat(tr.rewards.astype(np.float64), starts)).mean())
+
+    med = min(candidates, key=lambda s: abs(data_score(s) - target))
+    med_scores = measure(med, episodes, seed + 123)
     pf["medium"] = {"actor": med["actor"], "step": med["step"], "score": float(med_scores.mean()),
                     "score_std": float(med_scores.std())}
     pf["replay"] = [{"step": s["step"], "actor": {k: v.half() for k, v in s["actor"].items()}}
                     for s in snaps if s["step"] <= med["step"]]
     if snaps[-1]["step"] >= cfg["total_steps"]:
-        exp_scores = measure(snaps[-1])
+        exp_scores = measure(snaps[-1], episodes, seed + 123)
         pf["expert"] = {"actor": snaps[-1]["actor"], "step": snaps[-1]["step"], "score": float(exp_scores.mean()),
                         "score_std": float(exp_scores.std())}
     meta = {"env": task.env, "seed": cfg["seed"], "trained_steps": snaps[-1]["step"], "command": command,

@@ -180,6 +180,7 @@ def train_sac(task: Task, cfg: SACConfig, workdir: Path, stop_at_score: float | 
         rng.bit_generator.state = ck["rng"]
         step, episodes = ck["step"], ck["episodes"]
         snapshots = torch.load(snap_path, weights_only=True) if snap_path.exists() else []
+        snapshots = [s for s in snapshots if s["step"] <= step]  # later ones are redone from here
     (workdir / "config.json").write_text(json.dumps({"task": task.name, **asdict(cfg)}, indent=1))
 
     # An episode in flight is not checkpointed: resuming starts a fresh episode (seeded by count).

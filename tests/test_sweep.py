@@ -1,0 +1,204 @@
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from obd.sweep import EvaluationPruning, bootstrap_diff, load_study
+
+STUDY = {
+    "methods": ["sdw", "avpbc"], "trials": 2, "seeds": 2, "budget": "smoke", "sampler_seed": 0,
+    "fixed": {"outer_steps": 4, "eval_every": 2, "checkpoint_every": 2, "threads": 1,
+              "data": {"source": "hopper-random", "size": 2000, "teacher_cfg": {"steps": 100, "hidden": [16, 16]},
+                       "teacher_eval_episodes": 0},
+              "distill": {"n_synthetic": 8, "hidden": [16, 16], "test_batches": 1, "batch_size": 32},
+              "eval": {"episodes": 1}},
+    "search": {"distill.outer_lr": {"type": "float", "low": 0.05, "high": 0.5, "log": True},
+               "distill.inner_steps": {"type": "int", "low": 2, "high": 4}},
+    "method_search": {"sdw": {"data.density.alpha": {"type": "float", "low": 0.1, "high": 1.0},
+                              "data.density.k": {"type": "int", "low": 3, "high": 8}}},
+    "pruner": {"n_startup_trials": 1, "n_warmup_steps": 0},
+}
+
+
+def write_study(tmp_path, **over) -> Path:
+    spec = {**STUDY, **over}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def sweep_cmd(study: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "obd.sweep", "--task", "hopper-random", "--study", str(study), "--out", str(out),
+            *extra]
+
+
+def env(tmp_path) -> dict:
+    return {**os.environ, "OBD_DATA_DIR": str(tmp_path / "data"), "WANDB_MODE": "offline"}
+
+
+def trials_of(out: Path, method: str, storage: str | None = None):
+    st = optuna.load_study(study_name=f"hopper-random-{method}-smoke",
+                           storage=storage or f"sqlite:///{out / 'study.db'}")
+    return st.get_trials(deepcopy=False)
+
+
+def test_tiny_study_end_to_end_and_resume(tmp_path):
+    study, out = write_study(tmp_path), tmp_path / "sweep"
+    r = subprocess.run(sweep_cmd(study, out), capture_output=True, text=True, env=env(tmp_path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"sdw", "avpbc"}
+    for m in ("sdw", "avpbc"):
+        row = summary["methods"][m]
+        assert row["n"] == 2 and len(row["values"]) == 2
+        done = [t for t in trials_of(out, m) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        assert len(done) == 2
+        assert (out / "final" / m / "seed-2" / "synthetic.npz").is_file()
+    assert "data.density.alpha" in summary["methods"]["sdw"]["best_params"]
+    assert "data.density.alpha" not in summary["methods"]["avpbc"]["best_params"]
+    lo, hi = summary["difference"]["ci95"]
+    assert lo <= summary["difference"]["mean"] <= hi
+    report = (out / "report.md").read_text()
+    assert "| sdw |" in report and "| avpbc |" in report
+    for png in ("returns.png", "curves.png", "projection.png"):
+        assert (out / png).stat().st_size > 1000
+    # W&B: one offline run per trial and per final run, plus the study run
+    runs = list(out.rglob("offline-run-*"))
+    assert len(runs) >= 2 * 2 + 2 * 2 + 1
+    # a second invocation resumes: no new trials, finals untouched
+    mtime = (out / "final" / "sdw" / "seed-1" / "metrics.json").stat().st_mtime
+    r2 = subprocess.run(sweep_cmd(study, out), capture_output=True, text=True, env=env(tmp_path), cwd=tmp_path)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert len(trials_of(out, "sdw")) == 2 and len(trials_of(out, "avpbc")) == 2
+    assert (out / "final" / "sdw" / "seed-1" / "metrics.json").stat().st_mtime == mtime
+
+
+def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
+    study = write_study(tmp_path, methods=["avpbc"], trials=4, seeds=1,
+                        fixed={**STUDY["fixed"], "outer_steps": 30, "eval_every": 10, "wandb": False})
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen(sweep_cmd(study, out), env=env(tmp_path), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    before = []
+    while time.time() < deadline:
+        time.sleep(1)
+        if not (out / "study.db").exists():
+            continue
+        try:
+            trials = trials_of(out, "avpbc")
+        except KeyError:
+            continue
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        if len(done) >= 1 and any(t.state == TrialState.RUNNING for t in trials):
+            before = [(t.number, t.value, t.params) for t in done]
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert before, "the sweep never reached a second trial"
+    r = subprocess.run(sweep_cmd(study, out), capture_output=True, text=True, env=env(tmp_path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trials = trials_of(out, "avpbc")
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 4  # exactly the target: none lost, none extra
+    for number, value, params in before:  # finished trials kept as they were
+        t = trials[number]
+        assert t.state == TrialState.COMPLETE and t.value == value and t.params == params
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1  # the killed trial is recorded, and retried with its parameters
+    retry = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == failed[0].number]
+    assert len(retry) == 1 and retry[0].params == failed[0].params
+
+
+def test_pruner_sees_each_evaluation_step():
+    study = optuna.create_study(direction="maximize",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+
+    def objective(trial, values):
+        cb = EvaluationPruning(trial)
+        for step, v in values:
+            cb.on_evaluation(None, step, v)
+        return values[-1][1]
+
+    study.optimize(lambda t: objective(t, [(100, 50.0), (200, 60.0), (300, 70.0)]), n_trials=1)
+    assert study.trials[0].intermediate_values == {100: 50.0, 200: 60.0, 300: 70.0}
+    study.optimize(lambda t: objective(t, [(100, 10.0), (200, 5.0), (300, 80.0)]), n_trials=1)
+    assert study.trials[1].state == TrialState.PRUNED
+    assert study.trials[1].intermediate_values == {100: 10.0}  # pruned at the first weak evaluation
+
+
+def test_study_file_and_bootstrap(tmp_path):
+    spec = load_study(Path("sweeps/default.yaml") if Path("sweeps/default.yaml").exists() else
+                      Path(__file__).parent.parent / "sweeps" / "default.yaml", "hopper-medium", trials=3)
+    assert spec["trials"] == 3 and spec["methods"] == ["sdw", "avpbc"]
+    assert spec["fixed"]["data"]["teacher_cfg"]["steps"] == 50000  # the per-task override
+    with pytest.raises(ValueError, match="unknown budget"):
+        load_study(write_study(tmp_path, budget="huge"), "hopper-random")
+    import numpy as np
+
+    d, lo, hi = bootstrap_diff(np.array([10.0, 11, 12, 13]), np.array([1.0, 2, 3, 4]))
+    assert d == pytest.approx(9.0) and 7 < lo < 9 < hi < 11
+
+
+def _pg_bin() -> Path | None:
+    for cand in sorted(Path("/usr/lib/postgresql").glob("*/bin")) + [Path("/usr/local/bin"), Path("/usr/bin")]:
+        if (cand / "initdb").exists() and (cand / "pg_ctl").exists():
+            return cand
+    return None
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not installed (Debian package 'postgresql'); .ci/run installs them")
+    # pytest's tmp dirs are private to their owner; the server needs a directory it can reach
+    data = Path(tempfile.mkdtemp(prefix="obd-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(data, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "obd", "--auth=trust"], check=True,
+                   capture_output=True)
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(data / "log"), "-o",
+                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "obd", "-d", "postgres", "-c",
+                        "CREATE DATABASE optuna"], check=True, capture_output=True)
+        yield f"postgresql://obd@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_two_workers_share_a_postgresql_study(tmp_path, postgres):
+    study = write_study(tmp_path, methods=["avpbc"], trials=4, seeds=1,
+                        fixed={**STUDY["fixed"], "outer_steps": 40, "eval_every": 20, "wandb": False})
+    out = tmp_path / "sweep"
+    cmd = sweep_cmd(study, out, "--storage", postgres, "--worker")
+    workers = [subprocess.Popen(cmd, env=env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for w in workers:
+        _, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err[-3000:]
+    trials = trials_of(out, "avpbc", storage=postgres)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert 4 <= len(finished) <= 5  # the target; a worker may finish one it started just before the target
+    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both workers contributed
+    assert len({t.number for t in trials}) == len(trials)
