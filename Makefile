@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TASK ?= halfcheetah-medium
 SIZE ?=
-export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv test data bench train clean
+
+.PHONY: venv test data bench train sweep sweep-worker report clean
 
 venv: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: venv
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 data: venv
 	$(PY) -m obd.data collect $(TASK) $(if $(SIZE),--size $(SIZE))
@@ -31,6 +31,19 @@ bench: venv
 
 train: venv
 	$(PY) -m obd.train --task $(TASK) $(if $(METHOD),--method $(METHOD)) $(if $(BUDGET),--budget $(BUDGET))
+
+SWEEP_ARGS = --task $(TASK) $(if $(TRIALS),--trials $(TRIALS)) $(if $(SEEDS),--seeds $(SEEDS)) \
+	$(if $(BUDGET),--budget $(BUDGET)) $(if $(STORAGE),--storage $(STORAGE)) $(if $(OUT),--out $(OUT)) \
+	$(if $(METHODS),--methods $(METHODS))
+
+sweep: venv
+	$(PY) -m obd.sweep $(SWEEP_ARGS)
+
+sweep-worker: venv
+	$(PY) -m obd.sweep $(SWEEP_ARGS) --worker
+
+report: venv
+	$(PY) -m obd.report --task $(TASK) $(if $(OUT),--out $(OUT))
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,7 +1,7 @@
 """``make bench``: speed figures of this machine, printed and written to ``bench.json``.
 
 - one outer iteration at the published defaults (256 synthetic pairs, T = 100, 3x256 policy,
-  10 x 256 real states), Av-PBC and SDW weights, for the reverse-mode BPTT used by training
+  10 x 256 real states), Av-PBC and SDW weights, for the hand-derived BPTT used by training
   (``outer_iter_fast_s``) and the plain autograd unroll kept as the oracle (``outer_iter_ref_s``);
 - density weights for 1,000,000 states of dimension 17;
 - evaluation rollout throughput on HalfCheetah-v5 with the policy in the loop;
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from obd.density import DensityConfig, density_weights
-from obd.distill import init_policy, outer_grad_reverse, outer_grad_unrolled, policy_forward
+from obd.distill import init_policy, outer_grad_fast, outer_grad_unrolled, policy_forward
 from obd.nets import TanhGaussianActor, mlp
 from obd.rollout import evaluate_episodes
 
@@ -48,7 +48,7 @@ def bench_outer(repeat: int) -> dict:
     sdw_w = q_w * torch.from_numpy(np.random.default_rng(0).lognormal(0, 1, 2560).astype(np.float32))
     out = {}
     for name, w in (("avpbc", q_w), ("sdw", sdw_w)):
-        out[f"{name}_fast_s"] = _time(lambda: outer_grad_reverse(S, A, p0, obs, target, w, 100, 0.1), repeat)
+        out[f"{name}_fast_s"] = _time(lambda: outer_grad_fast(S, A, p0, obs, target, w, 100, 0.1), repeat)
         out[f"{name}_ref_s"] = _time(lambda: outer_grad_unrolled(S, A, p0, obs, target, w, 100, 0.1), repeat)
     return out
 

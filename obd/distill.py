@@ -12,12 +12,12 @@ Outer loss on real normalized states s with targets y and weights w (see :mod:`o
 and its gradient with respect to (S, A) flows back through all T inner steps (BPTT).
 
 Two exact implementations of that gradient:
-- :func:`outer_grad_unrolled`: a plain autograd unroll with ``create_graph=True``; simple, it
-  keeps every step's graph alive, and is the correctness oracle.
-- :func:`outer_grad_reverse`: reverse-mode BPTT that stores only the T weight vectors (no graphs)
-  and, walking back, recomputes one inner step at a time to take its vector-Jacobian product.
-  Memory is O(T * |theta|) floats plus one step's activations; ``truncate`` limits the walk back
-  to the last K steps (truncated BPTT).
+- :func:`outer_grad_fast` (used for training): reverse-mode BPTT with a hand-derived backward.
+  It stores, per inner step, only the weights, activations and errors (no autograd graph; memory
+  linear in T and bounded), and walks back one step at a time; ``truncate`` limits the walk to the
+  last K steps (truncated BPTT).
+- :func:`outer_grad_unrolled`: a plain autograd unroll with ``create_graph=True``; simple, it keeps
+  every step's double-backward graph alive, and is the correctness oracle (tests, ``make bench``).
 """
 from __future__ import annotations
 
@@ -126,33 +126,103 @@ def outer_grad_unrolled(states: Tensor, actions: Tensor, params0: Params, obs: T
     return loss.detach(), gS, gA
 
 
-def outer_grad_reverse(states: Tensor, actions: Tensor, params0: Params, obs: Tensor, target: Tensor,
-                       weight: Tensor, steps: int, lr: float, truncate: int | None = None
-                       ) -> tuple[Tensor, Tensor, Tensor]:
-    """Reverse-mode BPTT over stored weights. Returns (L_out, dL/dS, dL/dA); exact when truncate is None."""
+def outer_grad_fast(states: Tensor, actions: Tensor, params0: Params, obs: Tensor, target: Tensor,
+                    weight: Tensor, steps: int, lr: float, truncate: int | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """Hand-derived reverse-mode BPTT for the MLP inner loop; the same result as the autograd unroll.
+
+    The forward sweep runs the inner SGD by explicit backprop and keeps, per step, the weights,
+    activations h_l and backpropagated errors delta_l. Walking back, the vector-Jacobian product of
+    one SGD step with cotangent lam is a Hessian-vector product: an R-operator (Pearlmutter)
+    forward pass along direction lam and an R-backward pass reusing the stored h and delta, which
+    also yields the synthetic-state and -action terms. About 18 large matrix products per inner
+    step, no autograd graph. Exact when ``truncate`` is None.
+    """
     S, A = states.detach(), actions.detach()
-    history: list[Params] = []
+    n_layers = len(params0) // 2
+    n, d_out = A.shape
+    c = 2.0 / (n * d_out)
+    first = 0 if truncate is None else max(0, steps - truncate)
+    tape: list[tuple] = []
     p = [q.detach() for q in params0]
-    for _ in range(steps):
-        history.append(p)
-        p = _sgd_step(p, S, A, lr)
+    for t in range(steps):
+        hs, masks, y = _forward_store(p, S, n_layers)
+        deltas = _backward_deltas(p, masks, y, A, c, n_layers)
+        grads = _grads(hs, S, deltas)
+        if t >= first:
+            tape.append((p, hs, masks, y, deltas))
+        p = [q - lr * g for q, g in zip(p, grads)]
     with torch.enable_grad():
         leaf = [q.requires_grad_(True) for q in p]
         loss = outer_loss(leaf, obs, target, weight)
-        lam = list(torch.autograd.grad(loss, leaf))
-        gS, gA = torch.zeros_like(S), torch.zeros_like(A)
-        first = 0 if truncate is None else max(0, steps - truncate)
-        Sg, Ag = S.requires_grad_(True), A.requires_grad_(True)
-        for t in range(steps - 1, first - 1, -1):
-            pt = [q.requires_grad_(True) for q in history[t]]
-            g = torch.autograd.grad(inner_loss(pt, Sg, Ag), pt, create_graph=True)
-            # theta_{t+1} = theta_t - lr * g(theta_t, S, A): pull lam back through that map
-            vj = torch.autograd.grad(g, [*pt, Sg, Ag], grad_outputs=lam)
-            lam = [l - lr * v for l, v in zip(lam, vj[:-2])]
-            gS -= lr * vj[-2]
-            gA -= lr * vj[-1]
-            history[t] = []  # free as we go
+        lam = [g.detach() for g in torch.autograd.grad(loss, leaf)]
+    gS, gA = torch.zeros_like(S), torch.zeros_like(A)
+    for p_t, hs, masks, y, deltas in reversed(tape):
+        hv, rs, ra = _hvp(p_t, hs, masks, y, deltas, S, A, lam, c, n_layers)
+        lam = [l - lr * h for l, h in zip(lam, hv)]
+        gS -= lr * rs
+        gA -= lr * ra
     return loss.detach(), gS, gA
+
+
+def _forward_store(p: Params, S: Tensor, n_layers: int) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Hidden activations h_1..h_{L-1} (post-ReLU), their ReLU masks, and the output y = tanh(z_L)."""
+    hs, masks, h = [], [], S
+    for i in range(n_layers - 1):
+        h = torch.relu_(torch.addmm(p[2 * i + 1], h, p[2 * i]))
+        hs.append(h)
+        masks.append((h > 0).to(h.dtype))
+    return hs, masks, torch.tanh_(torch.addmm(p[-1], h, p[-2]))
+
+
+def _backward_deltas(p: Params, masks: list[Tensor], y: Tensor, A: Tensor, c: float, n_layers: int) -> list[Tensor]:
+    """dL/dz_l for l = 1..L of L = mean((y - A)^2)."""
+    delta = c * (y - A) * (1 - y * y)
+    deltas = [delta]
+    for i in range(n_layers - 1, 0, -1):
+        delta = torch.mm(delta, p[2 * i].T).mul_(masks[i - 1])
+        deltas.append(delta)
+    return deltas[::-1]
+
+
+def _grads(hs: list[Tensor], S: Tensor, deltas: list[Tensor]) -> Params:
+    ins = [S, *hs]
+    out: Params = []
+    for h, d in zip(ins, deltas):
+        out += [h.T @ d, d.sum(0)]
+    return out
+
+
+def _hvp(p: Params, hs: list[Tensor], masks: list[Tensor], y: Tensor, deltas: list[Tensor], S: Tensor, A: Tensor,
+         v: Params, c: float, n_layers: int) -> tuple[Params, Tensor, Tensor]:
+    """R_v of (grad_theta L, grad_S L, grad_A L) at p: the Hessian-vector product H v and the
+    mixed terms (d grad_theta L / dS)^T v, (d grad_theta L / dA)^T v."""
+    ins = [S, *hs]
+    # R-forward: tangents of the pre-activations along v
+    r_h: Tensor | None = None
+    r_hs: list[Tensor | None] = [None]  # R of the input S is zero
+    for i in range(n_layers):
+        rz = torch.addmm(v[2 * i + 1], ins[i], v[2 * i])
+        if r_h is not None:
+            rz = rz.addmm_(r_h, p[2 * i])
+        if i < n_layers - 1:
+            r_h = rz.mul_(masks[i])
+            r_hs.append(r_h)
+    r_y = (1 - y * y) * rz
+    e = y - A
+    r_delta = c * r_y * ((1 - y * y) - 2 * y * e)
+    hv: Params = [None] * len(p)  # type: ignore[list-item]
+    for i in range(n_layers - 1, -1, -1):
+        d, h, rh = deltas[i], ins[i], r_hs[i]
+        gw = h.T @ r_delta
+        if rh is not None:
+            gw = gw.addmm_(rh.T, d)
+        hv[2 * i], hv[2 * i + 1] = gw, r_delta.sum(0)
+        # propagate: R delta_{i-1} = (R delta_i W_i^T + delta_i V_i^T) * relu'(z_{i-1}); at i = 0 it is R grad_S
+        prev = torch.addmm(d @ v[2 * i].T, r_delta, p[2 * i].T)
+        if i > 0:
+            r_delta = prev.mul_(masks[i - 1])
+    return hv, prev, -c * r_y
 
 
 # ------------------------------------------------------------------ Lightning module
@@ -162,7 +232,7 @@ class BehaviorDistillation(pl.LightningModule):
     optimizes it by the outer gradient. Batches are ``(obs, target, weight)`` from
     :class:`obd.datamodule.OBDDataModule`."""
 
-    def __init__(self, cfg: DistillConfig, init_states: Tensor, init_actions: Tensor, grad_fn: str = "reverse"):
+    def __init__(self, cfg: DistillConfig, init_states: Tensor, init_actions: Tensor, grad_fn: str = "fast"):
         super().__init__()
         self.cfg = cfg
         self.automatic_optimization = False
@@ -186,7 +256,7 @@ class BehaviorDistillation(pl.LightningModule):
                 self.cfg.inner_steps, self.cfg.inner_lr)
         if self.grad_fn == "unrolled":
             return outer_grad_unrolled(*args)
-        return outer_grad_reverse(*args, truncate=self.cfg.truncate)
+        return outer_grad_fast(*args, truncate=self.cfg.truncate)
 
     def training_step(self, batch, batch_idx):
         obs, target, weight = batch

@@ -44,7 +44,7 @@ class TrainConfig:
     outer_steps: int = 50_000
     eval_every: int = 1_000
     checkpoint_every: int = 200
-    grad_fn: str = "reverse"  # reverse (stored weights, bounded memory) | unrolled (plain autograd)
+    grad_fn: str = "fast"  # fast (hand-derived BPTT) | unrolled (plain autograd, the oracle)
     threads: int = 2
     out: str | None = None  # default runs/{task}-{method}-s{seed}
     wandb: bool = True

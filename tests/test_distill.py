@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from obd.distill import (BehaviorDistillation, DistillConfig, init_policy, outer_grad_reverse, outer_grad_unrolled,
+from obd.distill import (BehaviorDistillation, DistillConfig, init_policy, outer_grad_fast, outer_grad_unrolled,
                          outer_loss, train_inner)
 
 
@@ -17,7 +17,7 @@ def tiny_problem(seed=0):
     return S, A, p0, obs, target, weight
 
 
-@pytest.mark.parametrize("fn", [outer_grad_unrolled, outer_grad_reverse])
+@pytest.mark.parametrize("fn", [outer_grad_unrolled, outer_grad_fast])
 def test_outer_gradient_matches_finite_differences(fn):
     S, A, p0, obs, target, weight = tiny_problem()
     steps, lr = 5, 0.5
@@ -41,15 +41,15 @@ def test_outer_gradient_matches_finite_differences(fn):
         assert float(gA[i, j]) == pytest.approx(float(fd), rel=1e-5, abs=1e-10)
 
 
-def test_reverse_equals_unrolled_and_truncation():
+def test_fast_equals_unrolled_and_truncation():
     S, A, p0, obs, target, weight = tiny_problem(1)
     _, gS1, gA1 = outer_grad_unrolled(S, A, p0, obs, target, weight, 7, 0.3)
-    _, gS2, gA2 = outer_grad_reverse(S, A, p0, obs, target, weight, 7, 0.3)
+    _, gS2, gA2 = outer_grad_fast(S, A, p0, obs, target, weight, 7, 0.3)
     torch.testing.assert_close(gS1, gS2, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(gA1, gA2, rtol=1e-10, atol=1e-14)
-    _, gS3, _ = outer_grad_reverse(S, A, p0, obs, target, weight, 7, 0.3, truncate=7)
+    _, gS3, _ = outer_grad_fast(S, A, p0, obs, target, weight, 7, 0.3, truncate=7)
     torch.testing.assert_close(gS3, gS2)
-    _, gS4, _ = outer_grad_reverse(S, A, p0, obs, target, weight, 7, 0.3, truncate=2)
+    _, gS4, _ = outer_grad_fast(S, A, p0, obs, target, weight, 7, 0.3, truncate=2)
     assert not torch.allclose(gS4, gS2)  # truncation drops the early steps' contributions
 
 
@@ -59,7 +59,7 @@ def test_float32_published_shapes_agree():
     p0 = init_policy(17, 6, (64, 64, 64), g)
     obs, target, w = torch.randn(128, 17, generator=g), torch.rand(128, 6, generator=g), torch.rand(128, generator=g)
     _, a1, b1 = outer_grad_unrolled(S, A, p0, obs, target, w, 20, 0.1)
-    _, a2, b2 = outer_grad_reverse(S, A, p0, obs, target, w, 20, 0.1)
+    _, a2, b2 = outer_grad_fast(S, A, p0, obs, target, w, 20, 0.1)
     torch.testing.assert_close(a1, a2, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(b1, b2, rtol=1e-4, atol=1e-7)
 
