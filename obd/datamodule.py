@@ -91,8 +91,11 @@ class OBDDataModule(pl.LightningDataModule):
         self.std = obs.std(0) + 1e-3
         self.obs = (obs - self.mean) / self.std
         self.actions = torch.from_numpy(ds.actions)
-        self.teacher, self.teacher_info = self._teacher()
-        self.teacher_actions, self.q_values = self._teacher_outputs()
+        if self.method == "dbc":  # imitates the dataset's actions: no teacher needed
+            self.teacher, self.teacher_info = None, None
+        else:
+            self.teacher, self.teacher_info = self._teacher()
+            self.teacher_actions, self.q_values = self._teacher_outputs()
         self.density_w = self._density()
 
     def _cache_dir(self) -> Path:

@@ -129,7 +129,7 @@ def run(cfg: TrainConfig, resume: bool = False, show_progress: bool = True, extr
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join((*METHODS, 'random'))}")
     pl.seed_everything(seed, workers=True, verbose=False)
     t0 = time.time()
-    dm = OBDDataModule(cfg.data, method="avpbc" if method == "random" else method, beta=cfg.distill.beta,
+    dm = OBDDataModule(cfg.data, method="dbc" if method == "random" else method, beta=cfg.distill.beta,
                        batch_size=cfg.distill.batch_size, test_batches=cfg.distill.test_batches, seed=seed,
                        show_progress=show_progress)
     dm.prepare()
@@ -209,8 +209,6 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if args.no_wandb:
         flags["wandb"] = False
     merge(cfg, flags)
-    if cfg.data.task is None and args.data is None and args.task is None and not args.config:
-        cfg.data.source = "halfcheetah-medium"
     cfg.eval.inner_steps, cfg.eval.inner_lr = cfg.distill.inner_steps, cfg.distill.inner_lr
     cfg.eval.hidden = cfg.distill.hidden
     return cfg
