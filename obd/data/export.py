@@ -18,7 +18,7 @@ def export_policy(task: Task, workdir: Path, out: Path, episodes: int = 10, seed
                   select_steps: int = 50_000) -> dict:
     """Pick the medium snapshot (closest to D4RL's medium score), measure it, write ``out``.
 
-    The 3 snapshots closest to the target on their training-time estimate are re-measured as the
+    The 5 snapshots closest to the target on their training-time estimate are re-measured as the
     dataset they would produce (``select_steps`` transitions, D4RL's medium score is that of its
     data) and the closest wins; the score written (and shown in the README) is a separate
     measurement over ``episodes`` full episodes. Snapshots up to it are kept in float16 for
@@ -33,7 +33,7 @@ def export_policy(task: Task, workdir: Path, out: Path, episodes: int = 10, seed
     pf = {"env": task.env, "obs_dim": obs_dim, "act_dim": act_dim, "hidden": list(cfg["hidden"]),
           "learning_starts": cfg["learning_starts"]}
     target = D4RL_BEHAVIOUR_SCORE[task.env]["medium"]
-    candidates = sorted(snaps, key=lambda s: abs(s["score"] - target))[:3]
+    candidates = sorted(snaps, key=lambda s: abs(s["score"] - target))[:5]
 
     def measure(snap: dict, n: int, eval_seed: int) -> np.ndarray:
         rets = evaluate_episodes(task.env_id, actor_policy(make_actor(pf, snap["actor"]), True, eval_seed), n,
