@@ -110,7 +110,7 @@ def test_cli_errors(tmp_path):
 
 
 def test_budgets_and_config_merge(tmp_path):
-    assert set(BUDGETS) == {"smoke", "quick", "paper"}
+    assert set(BUDGETS) == {"smoke", "quick", "sweep", "paper"}
     cfg = merge(TrainConfig(), BUDGETS["paper"])
     assert cfg.outer_steps == 50_000 and cfg.distill.inner_steps == 100 and cfg.distill.inner_lr == 0.1
     assert cfg.distill.outer_momentum == 0.9 and cfg.distill.grad_clip == 2.0 and cfg.distill.beta == 0.02
