@@ -87,14 +87,14 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
 
 def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
     study = write_study(tmp_path, methods=["avpbc"], trials=4, seeds=1,
-                        fixed={**STUDY["fixed"], "outer_steps": 30, "eval_every": 10, "wandb": False})
+                        fixed={**STUDY["fixed"], "outer_steps": 150, "eval_every": 50, "wandb": False})
     out = tmp_path / "sweep"
     proc = subprocess.Popen(sweep_cmd(study, out), env=env(tmp_path), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     before = []
-    while time.time() < deadline:
-        time.sleep(1)
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
         if not (out / "study.db").exists():
             continue
         try:
