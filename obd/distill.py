@@ -132,97 +132,167 @@ def outer_grad_fast(states: Tensor, actions: Tensor, params0: Params, obs: Tenso
     """Hand-derived reverse-mode BPTT for the MLP inner loop; the same result as the autograd unroll.
 
     The forward sweep runs the inner SGD by explicit backprop and keeps, per step, the weights,
-    activations h_l and backpropagated errors delta_l. Walking back, the vector-Jacobian product of
-    one SGD step with cotangent lam is a Hessian-vector product: an R-operator (Pearlmutter)
-    forward pass along direction lam and an R-backward pass reusing the stored h and delta, which
-    also yields the synthetic-state and -action terms. About 18 large matrix products per inner
-    step, no autograd graph. Exact when ``truncate`` is None.
+    post-ReLU activations h_l and backpropagated errors delta_l (ReLU masks are recovered from h).
+    Walking back, the vector-Jacobian product of one SGD step with cotangent lam is a
+    Hessian-vector product: an R-operator (Pearlmutter) forward pass along direction lam and an
+    R-backward pass reusing the stored h and delta, which also yields the synthetic-state and
+    -action terms. 18 matrix products of 256^3 per inner step (as many as the autograd unroll
+    does, the FLOP count of an exact gradient), no autograd graph, no other overhead worth naming:
+    - the tape lives in a :class:`_Tape` reused across calls, because first-touching ~2 MB of
+      fresh memory per inner step (page faults) costs as much as a third of the matrix products;
+    - the output layer is kept transposed (act_dim, hidden): the skinny products with 6 columns
+      are several times faster in that layout.
+    Exact when ``truncate`` is None; otherwise backpropagates through the last ``truncate`` steps.
     """
     S, A = states.detach(), actions.detach()
-    n_layers = len(params0) // 2
+    L = len(params0) // 2
+    assert L >= 2, "the policy needs at least one hidden layer"
     n, d_out = A.shape
     c = 2.0 / (n * d_out)
+    AT = A.T.contiguous()
     first = 0 if truncate is None else max(0, steps - truncate)
-    tape: list[tuple] = []
-    p = [q.detach() for q in params0]
+    tape = _Tape.get(params0, n, steps - first)
+    p0 = _to_internal(params0)
+    for q, src in zip(tape.params(tape.param_slot(0, first)), p0):
+        q.copy_(src)
     for t in range(steps):
-        hs, masks, y = _forward_store(p, S, n_layers)
-        deltas = _backward_deltas(p, masks, y, A, c, n_layers)
-        grads = _grads(hs, S, deltas)
-        if t >= first:
-            tape.append((p, hs, masks, y, deltas))
-        p = [q - lr * g for q, g in zip(p, grads)]
+        k = tape.act_slot(t, first)
+        p = tape.params(tape.param_slot(t, first))
+        hs, yT, eT, dT = _forward_store(p, S, AT, c, L, tape, k)
+        deltas = _backward_deltas(p, hs, dT, L, tape, k)
+        grads = _grads(hs, deltas, dT)
+        for q_new, q, g in zip(tape.params(tape.param_slot(t + 1, first)), p, grads):
+            torch.add(q, g, alpha=-lr, out=q_new)
     with torch.enable_grad():
-        leaf = [q.requires_grad_(True) for q in p]
+        p_T = tape.params(tape.param_slot(steps, first))
+        leaf = [q.detach().clone().requires_grad_(True) for q in _from_internal(p_T)]
         loss = outer_loss(leaf, obs, target, weight)
-        lam = [g.detach() for g in torch.autograd.grad(loss, leaf)]
-    gS, gA = torch.zeros_like(S), torch.zeros_like(A)
-    for p_t, hs, masks, y, deltas in reversed(tape):
-        hv, rs, ra = _hvp(p_t, hs, masks, y, deltas, S, A, lam, c, n_layers)
-        lam = [l - lr * h for l, h in zip(lam, hv)]
-        gS -= lr * rs
-        gA -= lr * ra
-    return loss.detach(), gS, gA
+        lam = _to_internal([g.detach() for g in torch.autograd.grad(loss, leaf)])
+    gS, gAT = torch.zeros_like(S), torch.zeros_like(AT)
+    for t in range(steps - 1, first - 1, -1):
+        k = t - first
+        hs = [S, *(h[k] for h in tape.h)]
+        hv, rs, raT = _hvp(tape.params(k), hs, tape.yT[k], tape.eT[k], tape.dT[k], [d[k] for d in tape.d],
+                           lam, c, L)
+        torch._foreach_add_(lam, hv, alpha=-lr)
+        gS.add_(rs, alpha=-lr)
+        gAT.add_(raT, alpha=-lr)
+    return loss.detach(), gS, gAT.T.contiguous()
 
 
-def _forward_store(p: Params, S: Tensor, n_layers: int) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """Hidden activations h_1..h_{L-1} (post-ReLU), their ReLU masks, and the output y = tanh(z_L)."""
-    hs, masks, h = [], [], S
-    for i in range(n_layers - 1):
-        h = torch.relu_(torch.addmm(p[2 * i + 1], h, p[2 * i]))
-        hs.append(h)
-        masks.append((h > 0).to(h.dtype))
-    return hs, masks, torch.tanh_(torch.addmm(p[-1], h, p[-2]))
+class _Tape:
+    """Preallocated storage for the forward sweep, kept between calls (one at a time, the last shape).
+
+    Slots 0..K-1 hold the K backpropagated steps; activation slot K is scratch for the steps before
+    a truncation window; parameter slot K holds theta_T and slots K+1, K+2 alternate before the window.
+    """
+
+    _cached: "_Tape | None" = None
+
+    def __init__(self, params0: Params, n: int, kept: int):
+        self.key = _Tape.key_of(params0, n, kept)
+        internal = _to_internal(params0)
+        kw = {"dtype": params0[0].dtype}
+        self.P = [torch.empty(kept + 3, *q.shape, **kw) for q in internal]
+        widths = [internal[2 * i].shape[1] for i in range(len(internal) // 2 - 1)]
+        act = internal[-2].shape[0]
+        self.h = [torch.empty(kept + 1, n, w, **kw) for w in widths]
+        self.d = [torch.empty(kept + 1, n, w, **kw) for w in widths]
+        self.yT, self.eT, self.dT = (torch.empty(kept + 1, act, n, **kw) for _ in range(3))
+        self.kept = kept
+
+    @staticmethod
+    def key_of(params0: Params, n: int, kept: int) -> tuple:
+        return tuple(q.shape for q in params0), params0[0].dtype, n, kept
+
+    @classmethod
+    def get(cls, params0: Params, n: int, kept: int) -> "_Tape":
+        key = cls.key_of(params0, n, kept)
+        if cls._cached is None or cls._cached.key != key:
+            cls._cached = None  # free the old one first
+            cls._cached = cls(params0, n, kept)
+        return cls._cached
+
+    def params(self, slot: int) -> Params:
+        return [q[slot] for q in self.P]
+
+    def param_slot(self, t: int, first: int) -> int:
+        return t - first if t >= first else self.kept + 1 + t % 2
+
+    def act_slot(self, t: int, first: int) -> int:
+        return t - first if t >= first else self.kept
 
 
-def _backward_deltas(p: Params, masks: list[Tensor], y: Tensor, A: Tensor, c: float, n_layers: int) -> list[Tensor]:
-    """dL/dz_l for l = 1..L of L = mean((y - A)^2)."""
-    delta = c * (y - A) * (1 - y * y)
-    deltas = [delta]
-    for i in range(n_layers - 1, 0, -1):
-        delta = torch.mm(delta, p[2 * i].T).mul_(masks[i - 1])
-        deltas.append(delta)
+def _to_internal(params: Params) -> Params:
+    """[W1, b1, ..., W_L, b_L] with W (in, out) -> the same with the head transposed, W_L^T (out, in)."""
+    return [*params[:-2], params[-2].T.contiguous(), params[-1]]
+
+
+_from_internal = _to_internal  # transposing the head is its own inverse
+
+
+def _forward_store(p: Params, S: Tensor, AT: Tensor, c: float, L: int, tape: _Tape, k: int
+                   ) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+    """Inputs of every layer [S, h_1, .., h_{L-1}] (post-ReLU), the output y^T = tanh(z_L)^T, the error
+    e^T = (y - A)^T and the output delta^T = dL/dz_L^T, all (act_dim, n); written into tape slot k."""
+    hs = [S]
+    for i in range(L - 1):
+        hs.append(torch.relu_(torch.addmm(p[2 * i + 1], hs[-1], p[2 * i], out=tape.h[i][k])))
+    yT = torch.tanh_(torch.addmm(p[-1].unsqueeze(1), p[-2], hs[-1].T, out=tape.yT[k]))
+    eT = torch.sub(yT, AT, out=tape.eT[k])
+    dT = torch.mul(yT, yT, out=tape.dT[k]).neg_().add_(1).mul_(eT).mul_(c)
+    return hs, yT, eT, dT
+
+
+def _relu_grad_(x: Tensor, h: Tensor) -> Tensor:
+    """x * relu'(z) in place, given h = relu(z)."""
+    return torch.ops.aten.threshold_backward.grad_input(x, h, 0.0, grad_input=x)
+
+
+def _backward_deltas(p: Params, hs: list[Tensor], dT: Tensor, L: int, tape: _Tape, k: int) -> list[Tensor]:
+    """dL/dz_l for the hidden layers l = 1..L-1, each (n, width), written into tape slot k."""
+    deltas = [_relu_grad_(torch.mm(dT.T, p[-2], out=tape.d[L - 2][k]), hs[L - 1])]
+    for i in range(L - 2, 0, -1):
+        deltas.append(_relu_grad_(torch.mm(deltas[-1], p[2 * i].T, out=tape.d[i - 1][k]), hs[i]))
     return deltas[::-1]
 
 
-def _grads(hs: list[Tensor], S: Tensor, deltas: list[Tensor]) -> Params:
-    ins = [S, *hs]
+def _grads(hs: list[Tensor], deltas: list[Tensor], dT: Tensor) -> Params:
     out: Params = []
-    for h, d in zip(ins, deltas):
+    for h, d in zip(hs, deltas):
         out += [h.T @ d, d.sum(0)]
-    return out
+    return out + [dT @ hs[-1], dT.sum(1)]
 
 
-def _hvp(p: Params, hs: list[Tensor], masks: list[Tensor], y: Tensor, deltas: list[Tensor], S: Tensor, A: Tensor,
-         v: Params, c: float, n_layers: int) -> tuple[Params, Tensor, Tensor]:
-    """R_v of (grad_theta L, grad_S L, grad_A L) at p: the Hessian-vector product H v and the
-    mixed terms (d grad_theta L / dS)^T v, (d grad_theta L / dA)^T v."""
-    ins = [S, *hs]
-    # R-forward: tangents of the pre-activations along v
-    r_h: Tensor | None = None
-    r_hs: list[Tensor | None] = [None]  # R of the input S is zero
-    for i in range(n_layers):
-        rz = torch.addmm(v[2 * i + 1], ins[i], v[2 * i])
-        if r_h is not None:
-            rz = rz.addmm_(r_h, p[2 * i])
-        if i < n_layers - 1:
-            r_h = rz.mul_(masks[i])
-            r_hs.append(r_h)
-    r_y = (1 - y * y) * rz
-    e = y - A
-    r_delta = c * r_y * ((1 - y * y) - 2 * y * e)
+def _hvp(p: Params, hs: list[Tensor], yT: Tensor, eT: Tensor, dT: Tensor, deltas: list[Tensor],
+         v: Params, c: float, L: int) -> tuple[Params, Tensor, Tensor]:
+    """R_v of (grad_theta L, grad_S L, grad_A^T L) at p: the Hessian-vector product H v and the
+    mixed terms (d grad_theta L / dS)^T v, (d grad_theta L / dA^T)^T v. Internal layout throughout."""
+    # R-forward: tangents of the hidden activations along v (the input S has none)
+    r_hs: list[Tensor | None] = [None]
+    for i in range(L - 1):
+        rz = torch.addmm(v[2 * i + 1], hs[i], v[2 * i])
+        if r_hs[-1] is not None:
+            rz.addmm_(r_hs[-1], p[2 * i])
+        r_hs.append(_relu_grad_(rz, hs[i + 1]))
+    rzT = torch.addmm(v[-1].unsqueeze(1), v[-2], hs[-1].T).addmm_(p[-2], r_hs[-1].T)
+    r_yT = (1 - yT * yT).mul_(rzT)  # (1 - y^2) R z
+    r_dT = (1 - yT * yT).sub_(2 * yT * eT).mul_(r_yT).mul_(c)
     hv: Params = [None] * len(p)  # type: ignore[list-item]
-    for i in range(n_layers - 1, -1, -1):
-        d, h, rh = deltas[i], ins[i], r_hs[i]
-        gw = h.T @ r_delta
+    hv[-2] = torch.addmm(r_dT @ hs[-1], dT, r_hs[-1])
+    hv[-1] = r_dT.sum(1)
+    # R delta of the last hidden layer: (R delta_L W_L^T + delta_L V_L^T) * relu'
+    r_d = _relu_grad_(torch.addmm(dT.T @ v[-2], r_dT.T, p[-2]), hs[L - 1])
+    for i in range(L - 2, -1, -1):
+        d, h, rh = deltas[i], hs[i], r_hs[i]
+        gw = h.T @ r_d
         if rh is not None:
-            gw = gw.addmm_(rh.T, d)
-        hv[2 * i], hv[2 * i + 1] = gw, r_delta.sum(0)
-        # propagate: R delta_{i-1} = (R delta_i W_i^T + delta_i V_i^T) * relu'(z_{i-1}); at i = 0 it is R grad_S
-        prev = torch.addmm(d @ v[2 * i].T, r_delta, p[2 * i].T)
+            gw.addmm_(rh.T, d)
+        hv[2 * i], hv[2 * i + 1] = gw, r_d.sum(0)
+        prev = torch.addmm(d @ v[2 * i].T, r_d, p[2 * i].T)
         if i > 0:
-            r_delta = prev.mul_(masks[i - 1])
-    return hv, prev, -c * r_y
+            r_d = _relu_grad_(prev, h)
+    return hv, prev, -c * r_yT
 
 
 # ------------------------------------------------------------------ Lightning module
