@@ -46,7 +46,9 @@ def bench_outer(repeat: int) -> dict:
     obs, target = torch.randn(2560, 17, generator=g), torch.rand(2560, 6, generator=g) * 2 - 1
     q_w = 0.02 * (300 + 50 * torch.randn(2560, generator=g)).clamp_min(0)
     sdw_w = q_w * torch.from_numpy(np.random.default_rng(0).lognormal(0, 1, 2560).astype(np.float32))
-    out = {}
+    a, b = torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g)
+    # the exact gradient's FLOP floor: 18 products of 256^3 per inner step, nothing else
+    out = {"gemm_floor_s": _time(lambda: [torch.mm(a, b) for _ in range(18 * 100)], repeat)}
     for name, w in (("avpbc", q_w), ("sdw", sdw_w)):
         out[f"{name}_fast_s"] = _time(lambda: outer_grad_fast(S, A, p0, obs, target, w, 100, 0.1), repeat)
         out[f"{name}_ref_s"] = _time(lambda: outer_grad_unrolled(S, A, p0, obs, target, w, 100, 0.1), repeat)
@@ -141,19 +143,20 @@ def main(argv: list[str] | None = None) -> int:
           f"reference {outer['avpbc_ref_s']:.3f} s", flush=True)
     print(f"outer iteration (published defaults), SDW:    fast {outer['sdw_fast_s']:.3f} s, "
           f"reference {outer['sdw_ref_s']:.3f} s", flush=True)
+    print(f"  floor: the 1,800 matrix products of 256^3 alone take {outer['gemm_floor_s']:.3f} s", flush=True)
     x = np.random.default_rng(0).standard_normal((a.density_n, 17)).astype(np.float32)
     t = time.perf_counter()
     density_weights(x, DensityConfig())
     dens = time.perf_counter() - t
     print(f"density weights, {a.density_n:,} states x 17: {dens:.1f} s", flush=True)
-    torch.set_num_threads(1)
     rollout = bench_rollout()
     print(f"evaluation rollout, HalfCheetah-v5, policy in the loop: {rollout:,.0f} env steps/s", flush=True)
     sac, sac_ref = bench_sac(a.sac_updates)
-    print(f"behaviour SAC updates/s (1 thread): ours {sac:.0f}, straightforward {sac_ref:.0f}", flush=True)
+    print(f"behaviour SAC updates/s ({a.threads} threads): ours {sac:.0f}, straightforward {sac_ref:.0f}", flush=True)
     res = {"machine": machine, "outer_iter_fast_s": outer["avpbc_fast_s"], "outer_iter_ref_s": outer["avpbc_ref_s"],
            "outer_iter_speedup": outer["avpbc_ref_s"] / outer["avpbc_fast_s"],
            "outer_iter_sdw_fast_s": outer["sdw_fast_s"], "outer_iter_sdw_ref_s": outer["sdw_ref_s"],
+           "outer_iter_gemm_floor_s": outer["gemm_floor_s"],
            "density_1m_s": dens, "density_n": a.density_n, "rollout_steps_per_s": rollout,
            "sac_updates_per_s": sac, "sac_reference_updates_per_s": sac_ref}
     print(f"outer iteration speed-up, fast / reference: {res['outer_iter_speedup']:.2f}x")

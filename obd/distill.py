@@ -41,8 +41,9 @@ class DistillConfig:
     inner_steps: int = 100  # T
     inner_lr: float = 0.1
     hidden: tuple[int, ...] = (256, 256, 256)
-    outer_lr: float = 0.1  # SGD on the synthetic states and actions
-    outer_momentum: float = 0.9
+    outer_optimizer: str = "sgd"  # sgd (published) | adam (the short budgets: see obd.train.BUDGETS)
+    outer_lr: float = 0.1  # on the synthetic states and actions
+    outer_momentum: float = 0.9  # sgd only
     grad_clip: float = 2.0
     test_batches: int = 10  # outer loss over test_batches x batch_size real states
     batch_size: int = 256
@@ -304,6 +305,8 @@ class BehaviorDistillation(pl.LightningModule):
 
     def __init__(self, cfg: DistillConfig, init_states: Tensor, init_actions: Tensor, grad_fn: str = "fast"):
         super().__init__()
+        if cfg.outer_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"unknown outer_optimizer {cfg.outer_optimizer!r}; choose sgd or adam")
         self.cfg = cfg
         self.automatic_optimization = False
         self.syn_states = nn.Parameter(init_states.clone().float())
@@ -313,8 +316,10 @@ class BehaviorDistillation(pl.LightningModule):
         self.save_hyperparameters({"distill": vars(cfg), "grad_fn": grad_fn})
 
     def configure_optimizers(self):
-        return torch.optim.SGD([self.syn_states, self.syn_actions], lr=self.cfg.outer_lr,
-                               momentum=self.cfg.outer_momentum)
+        params = [self.syn_states, self.syn_actions]
+        if self.cfg.outer_optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.cfg.outer_lr, momentum=self.cfg.outer_momentum)
+        return torch.optim.Adam(params, lr=self.cfg.outer_lr)
 
     def fresh_policy(self, step: int) -> Params:
         """The inner loop's initialization at outer step ``step``: seeded, so a resumed run repeats it."""

@@ -116,3 +116,12 @@ def test_budgets_and_config_merge(tmp_path):
     assert cfg.distill.outer_momentum == 0.9 and cfg.distill.grad_clip == 2.0 and cfg.distill.beta == 0.02
     with pytest.raises(ValueError, match="unknown setting 'distill.nope'"):
         merge(TrainConfig(), {"distill": {"nope": 1}})
+
+
+def test_outer_optimizer_choice():
+    S, A = torch.randn(4, 3), torch.rand(4, 2)
+    assert isinstance(BehaviorDistillation(DistillConfig(), S, A).configure_optimizers(), torch.optim.SGD)
+    adam = BehaviorDistillation(DistillConfig(outer_optimizer="adam", outer_lr=0.03), S, A).configure_optimizers()
+    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["lr"] == 0.03
+    with pytest.raises(ValueError, match="unknown outer_optimizer 'rmsprop'"):
+        BehaviorDistillation(DistillConfig(outer_optimizer="rmsprop"), S, A)
