@@ -6,11 +6,13 @@ a finished episode's last observation arrives in ``info["final_obs"]`` on the st
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import gymnasium as gym
 import numpy as np
+import torch
 from gymnasium.vector import AutoresetMode
 
 Policy = Callable[[np.ndarray], np.ndarray]
@@ -25,6 +27,18 @@ def make_vec_env(env_id: str, n_envs: int) -> gym.vector.VectorEnv:
     )
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Policy inference on a handful of states per env step: a second thread only adds
+    synchronisation (HalfCheetah-v5, 10 envs: ~12k env steps/s with 1 thread, ~7k with 2)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def evaluate_episodes(env_id: str, policy: Policy, n_episodes: int = 10, seed: int = 0,
                       n_envs: int | None = None) -> np.ndarray:
     """Undiscounted return of ``n_episodes`` full episodes, run ``n_envs`` at a time. Returns (n_episodes,)."""
@@ -35,17 +49,18 @@ def evaluate_episodes(env_id: str, policy: Policy, n_episodes: int = 10, seed: i
     quota = np.full(n_envs, n_episodes // n_envs) + (np.arange(n_envs) < n_episodes % n_envs)
     obs, _ = envs.reset(seed=seed)
     running = np.zeros(n_envs)
-    try:
-        while len(returns) < n_episodes:
-            obs, rew, term, trunc, _ = envs.step(np.asarray(policy(obs.astype(np.float32)), dtype=np.float32))
-            running += rew
-            for i in np.flatnonzero(term | trunc):
-                if quota[i] > 0:
-                    returns.append(float(running[i]))
-                    quota[i] -= 1
-                running[i] = 0.0
-    finally:
-        envs.close()
+    with one_torch_thread():
+        try:
+            while len(returns) < n_episodes:
+                obs, rew, term, trunc, _ = envs.step(np.asarray(policy(obs.astype(np.float32)), dtype=np.float32))
+                running += rew
+                for i in np.flatnonzero(term | trunc):
+                    if quota[i] > 0:
+                        returns.append(float(running[i]))
+                        quota[i] -= 1
+                    running[i] = 0.0
+        finally:
+            envs.close()
     return np.asarray(returns[:n_episodes])
 
 
@@ -100,28 +115,29 @@ def collect_transitions(env_id: str, policy: Policy, n_steps: int, seed: int = 0
         "qvel": np.zeros((T, n_envs, nv), np.float32),
     }
     obs, _ = envs.reset(seed=seed)
-    try:
-        for t in range(T):
-            for i, e in enumerate(envs.envs):  # physics state before the step, as D4RL's infos/qpos
-                buf["qpos"][t, i] = e.unwrapped.data.qpos
-                buf["qvel"][t, i] = e.unwrapped.data.qvel
-            act = np.clip(np.asarray(policy(obs.astype(np.float32)), dtype=np.float32), -1.0, 1.0)
-            nxt, rew, term, trunc, info = envs.step(act)
-            done = term | trunc
-            real_next = nxt.copy()
-            if done.any():
-                real_next[done] = np.stack(info["final_obs"][done])
-            buf["observations"][t] = obs
-            buf["actions"][t] = act
-            buf["rewards"][t] = rew
-            buf["next_observations"][t] = real_next
-            buf["terminals"][t] = term
-            buf["timeouts"][t] = trunc & ~term
-            obs = nxt
-            if progress is not None:
-                progress(int((t < per_env).sum()))
-    finally:
-        envs.close()
+    with one_torch_thread():
+        try:
+            for t in range(T):
+                for i, e in enumerate(envs.envs):  # physics state before the step, as D4RL's infos/qpos
+                    buf["qpos"][t, i] = e.unwrapped.data.qpos
+                    buf["qvel"][t, i] = e.unwrapped.data.qvel
+                act = np.clip(np.asarray(policy(obs.astype(np.float32)), dtype=np.float32), -1.0, 1.0)
+                nxt, rew, term, trunc, info = envs.step(act)
+                done = term | trunc
+                real_next = nxt.copy()
+                if done.any():
+                    real_next[done] = np.stack(info["final_obs"][done])
+                buf["observations"][t] = obs
+                buf["actions"][t] = act
+                buf["rewards"][t] = rew
+                buf["next_observations"][t] = real_next
+                buf["terminals"][t] = term
+                buf["timeouts"][t] = trunc & ~term
+                obs = nxt
+                if progress is not None:
+                    progress(int((t < per_env).sum()))
+        finally:
+            envs.close()
     last = per_env - 1
     cut = ~(buf["terminals"][last, np.arange(n_envs)] | buf["timeouts"][last, np.arange(n_envs)])
     buf["timeouts"][last[cut], np.arange(n_envs)[cut]] = True

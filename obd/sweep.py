@@ -167,6 +167,15 @@ class Sweep:
     def space(self, method: str) -> dict:
         return {**self.spec["search"], **(self.spec.get("method_search") or {}).get(method, {})}
 
+    def prepare(self) -> None:
+        """Build what the trials share (dataset, teacher, default density weights) up front, with progress
+        bars: inside a trial they would be built silently by the first one."""
+        from obd.datamodule import OBDDataModule
+
+        for method in self.spec["methods"]:
+            cfg = run_config(self.spec, self.task, method, {}, seed=0, out=self.out, group="")
+            OBDDataModule(cfg.data, method=method, beta=cfg.distill.beta, show_progress=self.show_progress).prepare()
+
     def optimize(self, method: str) -> optuna.Study:
         """Run trials until the study holds ``trials`` finished (complete or pruned) ones."""
         study = self.study(method)
@@ -332,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             spec["fixed"] = _deep_update(spec.get("fixed") or {}, {"wandb": False})
         out = Path(a.out or f"runs/sweep-{task}")
         sweep = Sweep(task, spec, out, a.storage)
+        sweep.prepare()
         for method in spec["methods"]:
             sweep.optimize(method)
         if a.worker:
