@@ -50,9 +50,23 @@ def bench_outer(repeat: int) -> dict:
     # the exact gradient's FLOP floor: 18 products of 256^3 per inner step, nothing else
     out = {"gemm_floor_s": _time(lambda: [torch.mm(a, b) for _ in range(18 * 100)], repeat)}
     for name, w in (("avpbc", q_w), ("sdw", sdw_w)):
-        out[f"{name}_fast_s"] = _time(lambda: outer_grad_fast(S, A, p0, obs, target, w, 100, 0.1), repeat)
-        out[f"{name}_ref_s"] = _time(lambda: outer_grad_unrolled(S, A, p0, obs, target, w, 100, 0.1), repeat)
+        # interleaved, so that drifts in this VM's speed hit both paths alike
+        fast, ref = _time_pair(lambda: outer_grad_fast(S, A, p0, obs, target, w, 100, 0.1),
+                               lambda: outer_grad_unrolled(S, A, p0, obs, target, w, 100, 0.1), repeat)
+        out[f"{name}_fast_s"], out[f"{name}_ref_s"] = fast, ref
     return out
+
+
+def _time_pair(f, g, repeat: int) -> tuple[float, float]:
+    """Median wall times of f and g, called alternately ``repeat`` times each after a warm-up."""
+    f(), g()
+    tf, tg = [], []
+    for _ in range(repeat):
+        for fn, ts in ((f, tf), (g, tg)):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return float(np.median(tf)), float(np.median(tg))
 
 
 def bench_rollout(episodes: int = 8) -> float:
@@ -129,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m obd.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--density-n", type=int, default=1_000_000)
     p.add_argument("--sac-updates", type=int, default=300)
     p.add_argument("--out", default="bench.json")
