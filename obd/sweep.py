@@ -35,6 +35,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 from tqdm.auto import tqdm
 
 from obd.data import DatasetError, UnknownTaskError, get_task
+from obd.datamodule import METHODS
 from obd.train import BUDGETS, TrainConfig, make_wandb_logger, merge, run
 
 log = logging.getLogger("obd.sweep")
@@ -56,6 +57,9 @@ def load_study(path: Path, task: str, **overrides) -> dict:
     for key in ("methods", "trials", "seeds", "budget", "search"):
         if key not in spec:
             raise ValueError(f"{path}: missing {key!r}")
+    unknown = [m for m in spec["methods"] if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if spec["budget"] not in BUDGETS:
         raise ValueError(f"unknown budget {spec['budget']!r}; choose one of {', '.join(BUDGETS)}")
     return spec
@@ -172,9 +176,10 @@ class Sweep:
         bars: inside a trial they would be built silently by the first one."""
         from obd.datamodule import OBDDataModule
 
-        for method in self.spec["methods"]:
-            cfg = run_config(self.spec, self.task, method, {}, seed=0, out=self.out, group="")
-            OBDDataModule(cfg.data, method=method, beta=cfg.distill.beta, show_progress=self.show_progress).prepare()
+        # one data module covers all: sdw needs everything avpbc/pbc need (teacher) plus density, dbc only data
+        method = next(m for m in ("sdw", "avpbc", "pbc", "dbc") if m in self.spec["methods"])
+        cfg = run_config(self.spec, self.task, method, {}, seed=0, out=self.out, group="")
+        OBDDataModule(cfg.data, method=method, beta=cfg.distill.beta, show_progress=self.show_progress).prepare()
 
     def optimize(self, method: str) -> optuna.Study:
         """Run trials until the study holds ``trials`` finished (complete or pruned) ones."""
