@@ -146,6 +146,8 @@ def test_study_file_and_bootstrap(tmp_path):
     assert spec["fixed"]["data"]["teacher_cfg"]["steps"] == 50000  # the per-task override
     with pytest.raises(ValueError, match="unknown budget"):
         load_study(write_study(tmp_path, budget="huge"), "hopper-random")
+    with pytest.raises(ValueError, match="unknown method.*xyz"):
+        load_study(write_study(tmp_path, methods=["sdw", "xyz"]), "hopper-random")
     import numpy as np
 
     d, lo, hi = bootstrap_diff(np.array([10.0, 11, 12, 13]), np.array([1.0, 2, 3, 4]))
