@@ -6,22 +6,32 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TASK ?= halfcheetah-medium
 SIZE ?=
+# TORCH=cpu (default without a GPU): the CPU build 2.13.0; TORCH=cuda (default where nvidia-smi sees a GPU):
+# PyPI's default (CUDA) build; TORCH=keep: whatever torch the environment already has.
+TORCH ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-
-.PHONY: venv test data bench train sweep sweep-worker report clean
+.PHONY: venv test test-fast check bench train sweep sweep-worker report dashboard gpu-check data clean
 
 venv: $(STAMP)
 
-# torch first and exactly 2.13.0 (the local CPU build); the pins in pyproject.toml keep it there.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	if [ "$(TORCH)" = cpu ]; then $(PY) -m pip install -q torch==2.13.0; \
+	elif [ "$(TORCH)" = cuda ]; then $(PY) -m pip install -q 'torch>=2.4'; fi
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
+
+check: venv
+	$(VENV)/bin/ruff check obd tests
+	$(VENV)/bin/ruff format --check obd tests
+	$(VENV)/bin/mypy
 
 test: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+test-fast: venv
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" --timeout 120
 
 data: venv
 	$(PY) -m obd.data collect $(TASK) $(if $(SIZE),--size $(SIZE))
@@ -46,4 +56,4 @@ report: venv
 	$(PY) -m obd.report --task $(TASK) $(if $(OUT),--out $(OUT))
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -8,6 +8,7 @@
 - behaviour-SAC updates per second: ours (batched critic ensemble, fused Adam, foreach target
   update) and a straightforward reference (two critics, Python-loop target updates).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from obd.density import DensityConfig, density_weights
+from obd.config import DensityConfig
+from obd.density import density_weights
 from obd.distill import init_policy, outer_grad_fast, outer_grad_unrolled, policy_forward
 from obd.nets import TanhGaussianActor, mlp
 from obd.rollout import evaluate_episodes
@@ -51,8 +53,11 @@ def bench_outer(repeat: int) -> dict:
     out = {"gemm_floor_s": _time(lambda: [torch.mm(a, b) for _ in range(18 * 100)], repeat)}
     for name, w in (("avpbc", q_w), ("sdw", sdw_w)):
         # interleaved, so that drifts in this VM's speed hit both paths alike
-        fast, ref = _time_pair(lambda: outer_grad_fast(S, A, p0, obs, target, w, 100, 0.1),
-                               lambda: outer_grad_unrolled(S, A, p0, obs, target, w, 100, 0.1), repeat)
+        fast, ref = _time_pair(
+            lambda w=w: outer_grad_fast(S, A, p0, obs, target, w, 100, 0.1),
+            lambda w=w: outer_grad_unrolled(S, A, p0, obs, target, w, 100, 0.1),
+            repeat,
+        )
         out[f"{name}_fast_s"], out[f"{name}_ref_s"] = fast, ref
     return out
 
@@ -60,7 +65,8 @@ def bench_outer(repeat: int) -> dict:
 def _time_pair(f, g, repeat: int) -> tuple[float, float]:
     """Median wall times of f and g, called alternately ``repeat`` times each after a warm-up."""
     f(), g()
-    tf, tg = [], []
+    tf: list[float] = []
+    tg: list[float] = []
     for _ in range(repeat):
         for fn, ts in ((f, tf), (g, tg)):
             t = time.perf_counter()
@@ -122,11 +128,16 @@ class _PlainSAC:
 
 
 def bench_sac(n: int) -> tuple[float, float]:
-    from obd.data.sac import SAC, SACConfig
+    from obd.behavior.sac import SAC, SACConfig
 
     g = torch.Generator().manual_seed(0)
-    batch = (torch.randn(256, 17, generator=g), torch.rand(256, 6, generator=g) * 2 - 1, torch.randn(256, generator=g),
-             torch.randn(256, 17, generator=g), torch.ones(256))
+    batch = (
+        torch.randn(256, 17, generator=g),
+        torch.rand(256, 6, generator=g) * 2 - 1,
+        torch.randn(256, generator=g),
+        torch.randn(256, 17, generator=g),
+        torch.ones(256),
+    )
     ours, plain = SAC(17, 6, SACConfig()), _PlainSAC(17, 6)
     res = []
     for agent in (ours, plain):
@@ -139,9 +150,40 @@ def bench_sac(n: int) -> tuple[float, float]:
     return res[0], res[1]
 
 
+def bench_help() -> float:
+    """Wall time of ``python -m obd.train --help`` in a fresh interpreter (median of 3)."""
+    import subprocess
+    import sys
+
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "obd.train", "--help"], capture_output=True, check=True)
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def bench_eval_training(repeat: int) -> tuple[float, float]:
+    """Training the 10 evaluation policies (published learner, 256 pairs): batched vs one at a time."""
+    from obd.config import EvalConfig
+    from obd.evaluate import init_stacked, train_stacked
+
+    g = torch.Generator().manual_seed(0)
+    S, A = torch.randn(256, 17, generator=g), torch.rand(256, 6, generator=g) * 2 - 1
+    cfg = EvalConfig()
+    p10 = init_stacked(10, 17, 6, cfg, 0)
+    singles = [[q[m : m + 1] for q in p10] for m in range(10)]
+    return _time_pair(
+        lambda: train_stacked(p10, S, A, cfg),
+        lambda: [train_stacked(p, S, A, cfg) for p in singles],
+        max(1, repeat // 2),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m obd.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m obd.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--density-n", type=int, default=1_000_000)
@@ -149,14 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
-              f"{a.threads} threads"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{a.threads} threads"
+    )
     print(f"machine: {machine}", flush=True)
     outer = bench_outer(a.repeat)
-    print(f"outer iteration (published defaults), Av-PBC: fast {outer['avpbc_fast_s']:.3f} s, "
-          f"reference {outer['avpbc_ref_s']:.3f} s", flush=True)
-    print(f"outer iteration (published defaults), SDW:    fast {outer['sdw_fast_s']:.3f} s, "
-          f"reference {outer['sdw_ref_s']:.3f} s", flush=True)
+    print(
+        f"outer iteration (published defaults), Av-PBC: fast {outer['avpbc_fast_s']:.3f} s, "
+        f"reference {outer['avpbc_ref_s']:.3f} s",
+        flush=True,
+    )
+    print(
+        f"outer iteration (published defaults), SDW:    fast {outer['sdw_fast_s']:.3f} s, "
+        f"reference {outer['sdw_ref_s']:.3f} s",
+        flush=True,
+    )
     print(f"  floor: the 1,800 matrix products of 256^3 alone take {outer['gemm_floor_s']:.3f} s", flush=True)
     x = np.random.default_rng(0).standard_normal((a.density_n, 17)).astype(np.float32)
     t = time.perf_counter()
@@ -165,14 +215,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"density weights, {a.density_n:,} states x 17: {dens:.1f} s", flush=True)
     rollout = bench_rollout()
     print(f"evaluation rollout, HalfCheetah-v5, policy in the loop: {rollout:,.0f} env steps/s", flush=True)
+    ev_b, ev_s = bench_eval_training(a.repeat)
+    print(
+        f"evaluation learner, 10 policies x 100 SGD steps: batched {ev_b:.2f} s, one at a time {ev_s:.2f} s", flush=True
+    )
+    help_s = bench_help()
+    print(f"`python -m obd.train --help`: {help_s:.2f} s", flush=True)
     sac, sac_ref = bench_sac(a.sac_updates)
     print(f"behaviour SAC updates/s ({a.threads} threads): ours {sac:.0f}, straightforward {sac_ref:.0f}", flush=True)
-    res = {"machine": machine, "outer_iter_fast_s": outer["avpbc_fast_s"], "outer_iter_ref_s": outer["avpbc_ref_s"],
-           "outer_iter_speedup": outer["avpbc_ref_s"] / outer["avpbc_fast_s"],
-           "outer_iter_sdw_fast_s": outer["sdw_fast_s"], "outer_iter_sdw_ref_s": outer["sdw_ref_s"],
-           "outer_iter_gemm_floor_s": outer["gemm_floor_s"],
-           "density_1m_s": dens, "density_n": a.density_n, "rollout_steps_per_s": rollout,
-           "sac_updates_per_s": sac, "sac_reference_updates_per_s": sac_ref}
+    res = {
+        "machine": machine,
+        "outer_iter_fast_s": outer["avpbc_fast_s"],
+        "outer_iter_ref_s": outer["avpbc_ref_s"],
+        "outer_iter_speedup": outer["avpbc_ref_s"] / outer["avpbc_fast_s"],
+        "outer_iter_sdw_fast_s": outer["sdw_fast_s"],
+        "outer_iter_sdw_ref_s": outer["sdw_ref_s"],
+        "outer_iter_gemm_floor_s": outer["gemm_floor_s"],
+        "density_1m_s": dens,
+        "density_n": a.density_n,
+        "rollout_steps_per_s": rollout,
+        "sac_updates_per_s": sac,
+        "sac_reference_updates_per_s": sac_ref,
+        "eval_train_10_batched_s": ev_b,
+        "eval_train_10_sequential_s": ev_s,
+        "train_help_s": help_s,
+    }
     print(f"outer iteration speed-up, fast / reference: {res['outer_iter_speedup']:.2f}x")
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")
@@ -180,4 +247,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from obd.errors import cli
+
+    raise SystemExit(cli(main))

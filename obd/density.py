@@ -5,7 +5,8 @@ Density: a Gaussian kernel density estimate over the k nearest reference states 
     log p(s) = logsumexp_j( -||s - r_j||^2 / (2 h^2) ) + const,   j over the k nearest r_j != s,
 
 on normalized states (zero mean, unit variance per dimension). Bandwidth rule: Scott's,
-h = n_ref^(-1 / (d + 4)) for unit-variance data, so wider kernels for smaller reference sets.
+h = n_ref^(-1 / (d + 4)) for unit-variance data, so wider kernels for smaller reference sets
+(or a fixed ``bandwidth``).
 Truncating the kernel sum to k neighbours drops terms that are negligible at that bandwidth.
 
 Search: exact (``IndexFlatL2``) when queries x references is small; otherwise an IVF index
@@ -13,29 +14,28 @@ Search: exact (``IndexFlatL2``) when queries x references is small; otherwise an
 ``max_reference`` randomly chosen reference states. Approximate neighbour distances suffice here:
 the weights are a smooth function of them and are clipped.
 """
+
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import faiss
 import numpy as np
 import torch
 
-
-@dataclass
-class DensityConfig:
-    alpha: float = 1.0  # w ~ p^-alpha; 0 gives uniform weights (plain OBD)
-    k: int = 10  # neighbours in the kernel sum
-    clip: float | None = 10.0  # cap on w / mean(w), then renormalized to mean 1; None: no cap
-    max_reference: int = 200_000  # reference subsample above this size
-    exact_limit: float = 2e10  # queries * references up to this use exact search
-    nprobe: int = 8
-    seed: int = 0
+from obd.config import DensityConfig
+from obd.seeding import derive_seed
 
 
-def knn_sq_distances(queries: np.ndarray, reference: np.ndarray, k: int, exact_limit: float = 2e10,
-                     nprobe: int = 8, exclude_self: bool = False, seed: int = 0) -> np.ndarray:
+def knn_sq_distances(
+    queries: np.ndarray,
+    reference: np.ndarray,
+    k: int,
+    exact_limit: float = 2e10,
+    nprobe: int = 8,
+    exclude_self: bool = False,
+    seed: int = 0,
+) -> np.ndarray:
     """Squared L2 distances to the k nearest reference points, (n, k) float32 (ascending).
 
     ``exclude_self``: ``queries`` is ``reference``; each point's zero distance to itself is dropped.
@@ -49,7 +49,10 @@ def knn_sq_distances(queries: np.ndarray, reference: np.ndarray, k: int, exact_l
     else:
         nlist = int(min(max(16, 4 * math.sqrt(r.shape[0])), r.shape[0] // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
-        train = r if r.shape[0] <= 64 * nlist else r[np.random.default_rng(seed).choice(r.shape[0], 64 * nlist, False)]
+        pick = np.random.default_rng(derive_seed(seed, "ivf-train")).choice(
+            r.shape[0], min(r.shape[0], 64 * nlist), False
+        )
+        train = r if r.shape[0] <= 64 * nlist else r[pick]
         index.train(train)
         index.nprobe = nprobe
     index.add(r)
@@ -69,7 +72,7 @@ def knn_sq_distances(queries: np.ndarray, reference: np.ndarray, k: int, exact_l
 def log_density(states: np.ndarray, cfg: DensityConfig) -> np.ndarray:
     """log p(s) up to an additive constant for each row of ``states`` (N, d) -> (N,) float64."""
     n, d = states.shape
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(derive_seed(cfg.seed, "density-reference"))
     if n > cfg.max_reference:
         ref_idx = np.sort(rng.choice(n, cfg.max_reference, replace=False))
         ref = states[ref_idx]
@@ -82,7 +85,7 @@ def log_density(states: np.ndarray, cfg: DensityConfig) -> np.ndarray:
     else:
         ref = states
         dist = knn_sq_distances(states, ref, cfg.k, cfg.exact_limit, cfg.nprobe, exclude_self=True, seed=cfg.seed)
-    h = ref.shape[0] ** (-1.0 / (d + 4))
+    h = cfg.bandwidth or ref.shape[0] ** (-1.0 / (d + 4))
     z = -dist.astype(np.float64) / (2 * h * h)
     zmax = z.max(1, keepdims=True)
     return (zmax + np.log(np.exp(z - zmax).sum(1, keepdims=True)))[:, 0]
@@ -110,3 +113,18 @@ def density_weights(states: np.ndarray | torch.Tensor, cfg: DensityConfig) -> np
     if cfg.alpha == 0:
         return np.ones(s.shape[0], np.float32)
     return weights_from_log_density(log_density(s, cfg), cfg.alpha, cfg.clip)
+
+
+def weight_stats(w: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """How concentrated per-state weights are: effective sample size / N (1 = uniform), the share of the
+    total weight on the top 1% of states, and max / mean."""
+    x = np.asarray(w.numpy() if isinstance(w, torch.Tensor) else w, dtype=np.float64)
+    total = x.sum()
+    if total <= 0:
+        return {"ess_fraction": 0.0, "top1pct_share": 0.0, "max_over_mean": 0.0}
+    top = np.sort(x)[::-1][: max(1, len(x) // 100)].sum()
+    return {
+        "ess_fraction": float(total**2 / (x**2).sum() / len(x)),
+        "top1pct_share": float(top / total),
+        "max_over_mean": float(x.max() / x.mean()),
+    }

@@ -1,7 +1,8 @@
 """Offline behavior distillation: the bi-level problem and its Lightning module.
 
 Inner loop: a freshly initialized policy (the mean head of a tanh-Gaussian MLP, three hidden
-layers of 256, orthogonal init) takes T full-batch SGD steps on the synthetic pairs (S, A):
+layers of 256, orthogonal init with gain sqrt(2) on every layer as the official code) takes T
+full-batch SGD steps on the synthetic pairs (S, A):
 
     theta_{t+1} = theta_t - eta * grad_theta L_in(theta_t; S, A),   L_in = mean (tanh(f(S; theta)) - A)^2.
 
@@ -19,49 +20,39 @@ Two exact implementations of that gradient:
 - :func:`outer_grad_unrolled`: a plain autograd unroll with ``create_graph=True``; simple, it keeps
   every step's double-backward graph alive, and is the correctness oracle (tests, ``make bench``).
 """
+
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from obd.config import DistillConfig
+from obd.seeding import derive_seed
+
 Params = list[Tensor]
-
-
-@dataclass
-class DistillConfig:
-    """Published OBD defaults (Lei et al., 2024), all in one place."""
-
-    method: str = "avpbc"  # dbc | pbc | avpbc | sdw
-    n_synthetic: int = 256
-    inner_steps: int = 100  # T
-    inner_lr: float = 0.1
-    hidden: tuple[int, ...] = (256, 256, 256)
-    outer_optimizer: str = "sgd"  # sgd (published) | adam (the short budgets: see obd.train.BUDGETS)
-    outer_lr: float = 0.1  # on the synthetic states and actions
-    outer_momentum: float = 0.9  # sgd only
-    grad_clip: float = 2.0
-    test_batches: int = 10  # outer loss over test_batches x batch_size real states
-    batch_size: int = 256
-    beta: float = 0.02  # Av-PBC weight = beta * Q(s, pi*(s))
-    truncate: int | None = None  # truncated BPTT: backpropagate through the last K inner steps only
-    seed: int = 0
 
 
 # ------------------------------------------------------------------ the policy, functionally
 
-def init_policy(obs_dim: int, act_dim: int, hidden: Sequence[int], gen: torch.Generator) -> Params:
-    """[W1, b1, ..., W_L, b_L] with W (in, out): orthogonal, gain sqrt(2) for hidden layers and 1e-2
-    for the head; zero biases. Only the mean half of the tanh-Gaussian head is kept: log-std
-    never enters the MSE on the deterministic action."""
+HEAD_GAIN = {"official": math.sqrt(2), "corl": 1e-2}
+
+
+def init_policy(
+    obs_dim: int, act_dim: int, hidden: Sequence[int], gen: torch.Generator, init: str = "official"
+) -> Params:
+    """[W1, b1, ..., W_L, b_L] with W (in, out): orthogonal with gain sqrt(2), zero biases; the head's
+    gain is sqrt(2) too (``official``, the OBD code's init_module_weights) or 1e-2 (``corl``). Only the
+    mean half of the tanh-Gaussian head is kept: log-std never enters the MSE on the deterministic
+    action (and the orthogonal rows of the mean half are those of the full head's init)."""
     dims = (obs_dim, *hidden, act_dim)
     params: Params = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        gain = 1e-2 if i == len(dims) - 2 else math.sqrt(2)
+        gain = HEAD_GAIN[init] if i == len(dims) - 2 else math.sqrt(2)
         w = torch.empty(b, a)
         _orthogonal_(w, gain, gen)
         params += [w.T.contiguous(), torch.zeros(b)]
@@ -112,8 +103,10 @@ def _sgd_step(p: Params, states: Tensor, actions: Tensor, lr: float) -> Params:
 
 # ------------------------------------------------------------------ outer gradients
 
-def outer_grad_unrolled(states: Tensor, actions: Tensor, params0: Params, obs: Tensor, target: Tensor,
-                        weight: Tensor, steps: int, lr: float) -> tuple[Tensor, Tensor, Tensor]:
+
+def outer_grad_unrolled(
+    states: Tensor, actions: Tensor, params0: Params, obs: Tensor, target: Tensor, weight: Tensor, steps: int, lr: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Reference: autograd through the whole unroll. Returns (L_out, dL/dS, dL/dA)."""
     S = states.detach().requires_grad_(True)
     A = actions.detach().requires_grad_(True)
@@ -127,9 +120,17 @@ def outer_grad_unrolled(states: Tensor, actions: Tensor, params0: Params, obs: T
     return loss.detach(), gS, gA
 
 
-def outer_grad_fast(states: Tensor, actions: Tensor, params0: Params, obs: Tensor, target: Tensor,
-                    weight: Tensor, steps: int, lr: float, truncate: int | None = None
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+def outer_grad_fast(
+    states: Tensor,
+    actions: Tensor,
+    params0: Params,
+    obs: Tensor,
+    target: Tensor,
+    weight: Tensor,
+    steps: int,
+    lr: float,
+    truncate: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Hand-derived reverse-mode BPTT for the MLP inner loop; the same result as the autograd unroll.
 
     The forward sweep runs the inner SGD by explicit backprop and keeps, per step, the weights,
@@ -173,8 +174,7 @@ def outer_grad_fast(states: Tensor, actions: Tensor, params0: Params, obs: Tenso
     for t in range(steps - 1, first - 1, -1):
         k = t - first
         hs = [S, *(h[k] for h in tape.h)]
-        hv, rs, raT = _hvp(tape.params(k), hs, tape.yT[k], tape.eT[k], tape.dT[k], [d[k] for d in tape.d],
-                           lam, c, L)
+        hv, rs, raT = _hvp(tape.params(k), hs, tape.yT[k], tape.eT[k], tape.dT[k], [d[k] for d in tape.d], lam, c, L)
         torch._foreach_add_(lam, hv, alpha=-lr)
         gS.add_(rs, alpha=-lr)
         gAT.add_(raT, alpha=-lr)
@@ -188,18 +188,18 @@ class _Tape:
     a truncation window; parameter slot K holds theta_T and slots K+1, K+2 alternate before the window.
     """
 
-    _cached: "_Tape | None" = None
+    _cached: _Tape | None = None
 
     def __init__(self, params0: Params, n: int, kept: int):
         self.key = _Tape.key_of(params0, n, kept)
         internal = _to_internal(params0)
-        kw = {"dtype": params0[0].dtype}
-        self.P = [torch.empty(kept + 3, *q.shape, **kw) for q in internal]
+        dt = params0[0].dtype
+        self.P = [torch.empty(kept + 3, *q.shape, dtype=dt) for q in internal]
         widths = [internal[2 * i].shape[1] for i in range(len(internal) // 2 - 1)]
         act = internal[-2].shape[0]
-        self.h = [torch.empty(kept + 1, n, w, **kw) for w in widths]
-        self.d = [torch.empty(kept + 1, n, w, **kw) for w in widths]
-        self.yT, self.eT, self.dT = (torch.empty(kept + 1, act, n, **kw) for _ in range(3))
+        self.h = [torch.empty(kept + 1, n, w, dtype=dt) for w in widths]
+        self.d = [torch.empty(kept + 1, n, w, dtype=dt) for w in widths]
+        self.yT, self.eT, self.dT = (torch.empty(kept + 1, act, n, dtype=dt) for _ in range(3))
         self.kept = kept
 
     @staticmethod
@@ -207,7 +207,7 @@ class _Tape:
         return tuple(q.shape for q in params0), params0[0].dtype, n, kept
 
     @classmethod
-    def get(cls, params0: Params, n: int, kept: int) -> "_Tape":
+    def get(cls, params0: Params, n: int, kept: int) -> _Tape:
         key = cls.key_of(params0, n, kept)
         if cls._cached is None or cls._cached.key != key:
             cls._cached = None  # free the old one first
@@ -232,8 +232,9 @@ def _to_internal(params: Params) -> Params:
 _from_internal = _to_internal  # transposing the head is its own inverse
 
 
-def _forward_store(p: Params, S: Tensor, AT: Tensor, c: float, L: int, tape: _Tape, k: int
-                   ) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+def _forward_store(
+    p: Params, S: Tensor, AT: Tensor, c: float, L: int, tape: _Tape, k: int
+) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
     """Inputs of every layer [S, h_1, .., h_{L-1}] (post-ReLU), the output y^T = tanh(z_L)^T, the error
     e^T = (y - A)^T and the output delta^T = dL/dz_L^T, all (act_dim, n); written into tape slot k."""
     hs = [S]
@@ -265,8 +266,9 @@ def _grads(hs: list[Tensor], deltas: list[Tensor], dT: Tensor) -> Params:
     return out + [dT @ hs[-1], dT.sum(1)]
 
 
-def _hvp(p: Params, hs: list[Tensor], yT: Tensor, eT: Tensor, dT: Tensor, deltas: list[Tensor],
-         v: Params, c: float, L: int) -> tuple[Params, Tensor, Tensor]:
+def _hvp(
+    p: Params, hs: list[Tensor], yT: Tensor, eT: Tensor, dT: Tensor, deltas: list[Tensor], v: Params, c: float, L: int
+) -> tuple[Params, Tensor, Tensor]:
     """R_v of (grad_theta L, grad_S L, grad_A^T L) at p: the Hessian-vector product H v and the
     mixed terms (d grad_theta L / dS)^T v, (d grad_theta L / dA^T)^T v. Internal layout throughout."""
     # R-forward: tangents of the hidden activations along v (the input S has none)
@@ -276,11 +278,13 @@ def _hvp(p: Params, hs: list[Tensor], yT: Tensor, eT: Tensor, dT: Tensor, deltas
         if r_hs[-1] is not None:
             rz.addmm_(r_hs[-1], p[2 * i])
         r_hs.append(_relu_grad_(rz, hs[i + 1]))
-    rzT = torch.addmm(v[-1].unsqueeze(1), v[-2], hs[-1].T).addmm_(p[-2], r_hs[-1].T)
+    last = r_hs[-1]
+    assert last is not None  # L >= 2: at least one hidden layer has a tangent
+    rzT = torch.addmm(v[-1].unsqueeze(1), v[-2], hs[-1].T).addmm_(p[-2], last.T)
     r_yT = (1 - yT * yT).mul_(rzT)  # (1 - y^2) R z
     r_dT = (1 - yT * yT).sub_(2 * yT * eT).mul_(r_yT).mul_(c)
     hv: Params = [None] * len(p)  # type: ignore[list-item]
-    hv[-2] = torch.addmm(r_dT @ hs[-1], dT, r_hs[-1])
+    hv[-2] = torch.addmm(r_dT @ hs[-1], dT, last)
     hv[-1] = r_dT.sum(1)
     # R delta of the last hidden layer: (R delta_L W_L^T + delta_L V_L^T) * relu'
     r_d = _relu_grad_(torch.addmm(dT.T @ v[-2], r_dT.T, p[-2]), hs[L - 1])
@@ -298,6 +302,7 @@ def _hvp(p: Params, hs: list[Tensor], yT: Tensor, eT: Tensor, dT: Tensor, deltas
 
 # ------------------------------------------------------------------ Lightning module
 
+
 class BehaviorDistillation(pl.LightningModule):
     """Holds the synthetic set (parameters ``syn_states`` in normalized space, ``syn_actions``) and
     optimizes it by the outer gradient. Batches are ``(obs, target, weight)`` from
@@ -305,15 +310,13 @@ class BehaviorDistillation(pl.LightningModule):
 
     def __init__(self, cfg: DistillConfig, init_states: Tensor, init_actions: Tensor, grad_fn: str = "fast"):
         super().__init__()
-        if cfg.outer_optimizer not in ("sgd", "adam"):
-            raise ValueError(f"unknown outer_optimizer {cfg.outer_optimizer!r}; choose sgd or adam")
         self.cfg = cfg
         self.automatic_optimization = False
         self.syn_states = nn.Parameter(init_states.clone().float())
         self.syn_actions = nn.Parameter(init_actions.clone().float())
         self.obs_dim, self.act_dim = init_states.shape[1], init_actions.shape[1]
         self.grad_fn = grad_fn
-        self.save_hyperparameters({"distill": vars(cfg), "grad_fn": grad_fn})
+        self.save_hyperparameters({"distill": dataclasses.asdict(cfg), "grad_fn": grad_fn})
 
     def configure_optimizers(self):
         params = [self.syn_states, self.syn_actions]
@@ -323,12 +326,20 @@ class BehaviorDistillation(pl.LightningModule):
 
     def fresh_policy(self, step: int) -> Params:
         """The inner loop's initialization at outer step ``step``: seeded, so a resumed run repeats it."""
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        return init_policy(self.obs_dim, self.act_dim, self.cfg.hidden, gen)
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "inner-init", step))
+        return init_policy(self.obs_dim, self.act_dim, self.cfg.hidden, gen, self.cfg.init)
 
     def outer_gradient(self, obs: Tensor, target: Tensor, weight: Tensor, step: int):
-        args = (self.syn_states, self.syn_actions, self.fresh_policy(step), obs, target, weight,
-                self.cfg.inner_steps, self.cfg.inner_lr)
+        args = (
+            self.syn_states,
+            self.syn_actions,
+            self.fresh_policy(step),
+            obs,
+            target,
+            weight,
+            self.cfg.inner_steps,
+            self.cfg.inner_lr,
+        )
         if self.grad_fn == "unrolled":
             return outer_grad_unrolled(*args)
         return outer_grad_fast(*args, truncate=self.cfg.truncate)
@@ -336,6 +347,7 @@ class BehaviorDistillation(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         obs, target, weight = batch
         opt = self.optimizers()
+        assert not isinstance(opt, list)
         loss, gS, gA = self.outer_gradient(obs, target, weight, self.global_step)
         opt.zero_grad()
         self.syn_states.grad, self.syn_actions.grad = gS, gA

@@ -1,170 +1,201 @@
-"""Evaluate a synthetic set: train fresh policies on it exactly as the inner loop does, roll them out.
+"""Stage 4, evaluation as published: train N fresh policies on a synthetic set, roll each out E episodes.
 
-``python -m obd.evaluate PATH [--task TASK] [--episodes 10] [--json]`` works on any saved
-``synthetic.npz`` (states in normalized space, actions, the normalization mean/std, the config).
+Protocol (official ``evaluate_synset.py``): each evaluation trains ``policies`` (N = 10) fresh
+policies on the synthetic set with the fixed published learner (:class:`obd.config.EvalConfig`:
+100 full-batch SGD steps at lr 0.1, official init), rolls each out for ``episodes`` (E = 10)
+episodes, and averages. A run's score is the mean of its last K evaluations (K = 5 for Av-PBC and
+SDW, 10 for DBC and PBC). The N policies train as one batched computation (``bmm`` over stacked
+weights: each policy's update is exactly its own, as its loss is separate) and are rolled out in
+N x E vectorized envs with batched inference. ``ensemble`` instead rolls out one agent acting with
+the N policies' mean action (the paper's Table 3 protocol).
+
+``python -m obd.evaluate PATH`` re-evaluates any saved ``synthetic.npz`` with the same protocol.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import lightning.pytorch as pl
-import torch
-from torch import Tensor
 
-from obd.data import Task, UnknownTaskError, get_task
-from obd.distill import Params, init_policy, inner_loss, policy_forward, train_inner
-from obd.rollout import evaluate_episodes
+from obd.config import EvalConfig
+from obd.errors import ObdError, cli
+
+EvalListener = Callable[[int, float], None]  # (outer step, score of that evaluation)
 
 
-@dataclass
-class EvalConfig:
-    episodes: int = 10
-    inner_steps: int = 100  # as the inner loop
-    inner_lr: float = 0.1
-    hidden: tuple[int, ...] = (256, 256, 256)
-    optimizer: str = "sgd"  # sgd (as the inner loop) | adam
-    ensemble: int = 1  # policies trained from different inits; their actions are averaged
-    seed: int = 0
+def init_stacked(n: int, obs_dim: int, act_dim: int, cfg: EvalConfig, seed: int):
+    """N independent initial policies, stacked: [W1 (N, in, out), b1 (N, 1, out), ...]."""
+    import torch
+
+    from obd.distill import init_policy
+    from obd.seeding import derive_seed
+
+    ps = [
+        init_policy(
+            obs_dim, act_dim, cfg.hidden, torch.Generator().manual_seed(derive_seed(seed, "eval-init", m)), cfg.init
+        )
+        for m in range(n)
+    ]
+    return [torch.stack([p[i] if i % 2 == 0 else p[i].unsqueeze(0) for p in ps]) for i in range(len(ps[0]))]
 
 
-def train_policies(states: Tensor, actions: Tensor, cfg: EvalConfig) -> list[Params]:
-    out = []
-    for m in range(cfg.ensemble):
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + m)
-        p0 = init_policy(states.shape[1], actions.shape[1], cfg.hidden, gen)
-        if cfg.optimizer == "sgd":
-            out.append(train_inner(p0, states, actions, cfg.inner_steps, cfg.inner_lr))
-        elif cfg.optimizer == "adam":
-            p = [q.clone().requires_grad_(True) for q in p0]
-            opt = torch.optim.Adam(p, lr=cfg.inner_lr)
-            for _ in range(cfg.inner_steps):
-                opt.zero_grad()
-                inner_loss(p, states, actions).backward()
-                opt.step()
-            out.append([q.detach() for q in p])
-        else:
-            raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adam")
-    return out
+def stacked_forward(params, x):
+    """tanh(mu(x)) for N stacked policies; x (N, B, obs_dim) -> (N, B, act_dim)."""
+    import torch
+
+    h = x
+    n = len(params) // 2
+    for i in range(n):
+        h = torch.baddbmm(params[2 * i + 1], h, params[2 * i])
+        if i < n - 1:
+            h = torch.relu(h)
+    return torch.tanh(h)
 
 
-def evaluate_synthetic(states: Tensor, actions: Tensor, task: Task, mean: np.ndarray, std: np.ndarray,
-                       cfg: EvalConfig) -> dict:
-    """Normalized return (mean, std over episodes) of policies trained on (states, actions)."""
-    policies = train_policies(states.detach().float(), actions.detach().float(), cfg)
+def train_stacked(params, states, actions, cfg: EvalConfig):
+    """``cfg.inner_steps`` full-batch steps of every stacked policy on (states, actions), at once.
+
+    The summed loss sum_m L_m separates, so each policy gets exactly its own gradient and update."""
+    import torch
+
+    p = [q.detach().clone().requires_grad_(True) for q in params]
+    n = p[0].shape[0]
+    S, A = states.expand(n, -1, -1), actions.expand(n, -1, -1)
+    opt = torch.optim.SGD(p, lr=cfg.inner_lr) if cfg.optimizer == "sgd" else torch.optim.Adam(p, lr=cfg.inner_lr)
+    with torch.enable_grad():
+        for _ in range(cfg.inner_steps):
+            opt.zero_grad(set_to_none=True)
+            ((stacked_forward(p, S) - A) ** 2).mean((1, 2)).sum().backward()
+            opt.step()
+    return [q.detach() for q in p]
+
+
+def evaluate_synthetic(states, actions, task, mean: np.ndarray, std: np.ndarray, cfg: EvalConfig, seed: int) -> dict:
+    """One evaluation: N policies trained on (states, actions), E episodes each.
+
+    Returns the score (mean normalized return over all N x E episodes), its std over policies, the
+    per-policy mean scores (N,) and every episode's score (N x E)."""
+    import torch
+
+    from obd.rollout import one_episode_per_env
+    from obd.seeding import derive_seed
+
+    S, A = states.detach().float(), actions.detach().float()
+    params = train_stacked(init_stacked(cfg.policies, S.shape[1], A.shape[1], cfg, seed), S, A, cfg)
     m, s = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+    n, e = cfg.policies, cfg.episodes
 
     @torch.no_grad()
     def act(obs: np.ndarray) -> np.ndarray:
         x = (torch.from_numpy(obs) - m) / s
-        return torch.stack([policy_forward(p, x) for p in policies]).mean(0).numpy()
+        if cfg.ensemble:  # one agent per env, acting with the policies' mean action
+            return stacked_forward(params, x.expand(n, -1, -1)).mean(0).numpy()
+        return stacked_forward(params, x.view(n, e, -1)).reshape(n * e, -1).numpy()
 
-    scores = task.normalized_score(evaluate_episodes(task.env_id, act, cfg.episodes, seed=cfg.seed + 1_000))
-    return {"normalized_return_mean": float(scores.mean()), "normalized_return_std": float(scores.std()),
-            "episode_scores": [round(float(x), 3) for x in scores]}
-
-
-class EvaluationCallback(pl.Callback):
-    """Evaluates the module's synthetic set every ``every`` outer steps and at the end of training.
-
-    Results are logged at their own outer step (``normalized_return``) and kept in ``history``.
-    """
-
-    def __init__(self, task: Task, mean: np.ndarray, std: np.ndarray, cfg: EvalConfig, every: int):
-        self.task, self.mean, self.std, self.cfg, self.every = task, mean, std, cfg, every
-        self.history: list[dict] = []
-
-    def _run(self, trainer: pl.Trainer, module) -> None:
-        step = trainer.global_step
-        if self.history and self.history[-1]["step"] == step:
-            return
-        states, actions = module.synthetic()
-        res = evaluate_synthetic(states, actions, self.task, self.mean, self.std, self.cfg)
-        self.history.append({"step": step, **res})
-        for lg in trainer.loggers:
-            lg.log_metrics({"normalized_return": res["normalized_return_mean"],
-                            "normalized_return_std": res["normalized_return_std"]}, step=step)
-        for cb in trainer.callbacks:  # e.g. an Optuna pruning callback
-            if hasattr(cb, "on_evaluation"):
-                cb.on_evaluation(trainer, step, res["normalized_return_mean"])
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if self.every and trainer.global_step % self.every == 0:
-            self._run(trainer, module)
-
-    def on_train_end(self, trainer, module):
-        self._run(trainer, module)
-
-    def state_dict(self) -> dict:
-        return {"history": self.history}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.history = list(state.get("history", []))
+    rets = one_episode_per_env(task.env_id, act, e if cfg.ensemble else n * e, seed=derive_seed(seed, "eval-envs"))
+    scores = task.normalized_score(rets).reshape(1 if cfg.ensemble else n, e)
+    per_policy = scores.mean(1)
+    return {
+        "score": float(scores.mean()),
+        "std_over_policies": float(per_policy.std()),
+        "policy_scores": [round(float(x), 3) for x in per_policy],
+        "episode_scores": [[round(float(x), 3) for x in row] for row in scores],
+    }
 
 
-def save_synthetic(path: Path, states: Tensor, actions: Tensor, mean, std, task: Task, config: dict) -> None:
+def summarize_history(history: list[dict], k: int) -> dict:
+    """The run's score: the mean of the last ``k`` evaluations (fewer when fewer exist), and the final one."""
+    if not history:
+        return {"score": None, "final_score": None, "last_k": k, "last_k_used": 0}
+    tail = [h["score"] for h in history[-k:]]
+    return {"score": float(np.mean(tail)), "final_score": history[-1]["score"], "last_k": k, "last_k_used": len(tail)}
+
+
+def save_synthetic(path: Path, states, actions, mean, std, task_name: str, config: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, states=states.numpy(), actions=actions.numpy(), mean=np.asarray(mean), std=np.asarray(std),
-             task=task.name, config=json.dumps(config, default=str))
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(
+        tmp,
+        states=states.numpy(),
+        actions=actions.numpy(),
+        mean=np.asarray(mean),
+        std=np.asarray(std),
+        task=task_name,
+        config=json.dumps(config, default=str),
+    )
+    tmp.replace(path)
 
 
 def load_synthetic(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such synthetic set")
+        raise ObdError(f"{path}: no such synthetic set")
     try:
         with np.load(path, allow_pickle=False) as z:
             d = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a synthetic set saved by obd ({e})") from None
+    except (OSError, ValueError, EOFError) as e:
+        if "allow_pickle" in str(e):
+            e = ValueError("it holds pickled objects, which obd never writes")
+        raise ObdError(f"{path}: not a synthetic set saved by obd ({str(e).splitlines()[0]})") from None
     missing = {"states", "actions", "mean", "std"} - set(d)
     if missing:
-        raise ValueError(f"{path}: missing {sorted(missing)}")
+        raise ObdError(f"{path}: missing {sorted(missing)}; not a synthetic set saved by obd")
     return d
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m obd.evaluate", description=__doc__)
+def parser() -> argparse.ArgumentParser:
+    d = EvalConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m obd.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("path", help="synthetic.npz written by python -m obd.train")
     p.add_argument("--task", default=None, help="default: the task stored in the file")
-    p.add_argument("--episodes", type=int, default=10)
-    p.add_argument("--inner-steps", type=int, default=None, help="default: the run's inner steps")
-    p.add_argument("--inner-lr", type=float, default=None, help="default: the run's inner lr")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    p.add_argument("--hidden", default=None, help="e.g. 256,256,256 (default: the run's)")
-    p.add_argument("--ensemble", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
-    a = p.parse_args(argv)
+    p.add_argument("--policies", type=int, default=d.policies, help=f"fresh policies (default {d.policies})")
+    p.add_argument("--episodes", type=int, default=d.episodes, help=f"episodes per policy (default {d.episodes})")
+    p.add_argument("--ensemble", action="store_true", help="one agent with the policies' mean action (Table 3)")
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    import torch
+
+    from obd.config import merge
+    from obd.data import get_task
+
     torch.set_num_threads(1)
-    try:
-        d = load_synthetic(a.path)
-        task = get_task(a.task or str(d["task"]))
-        run = json.loads(str(d["config"])).get("distill", {}) if "config" in d else {}
-        cfg = EvalConfig(
-            episodes=a.episodes, seed=a.seed, optimizer=a.optimizer, ensemble=a.ensemble,
-            inner_steps=a.inner_steps or run.get("inner_steps", 100), inner_lr=a.inner_lr or run.get("inner_lr", 0.1),
-            hidden=tuple(int(x) for x in a.hidden.split(",")) if a.hidden else tuple(run.get("hidden", (256,) * 3)))
-        if d["states"].shape[1] != task.obs_dim or d["actions"].shape[1] != task.act_dim:
-            raise ValueError(f"{a.path}: synthetic set has dims {d['states'].shape[1]}/{d['actions'].shape[1]}, "
-                             f"{task.name} needs {task.obs_dim}/{task.act_dim}")
-        res = evaluate_synthetic(torch.from_numpy(d["states"]), torch.from_numpy(d["actions"]), task, d["mean"],
-                                 d["std"], cfg)
-    except (UnknownTaskError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    res = {"task": task.name, "path": str(a.path), **res}
+    d = load_synthetic(a.path)
+    task = get_task(a.task or str(d["task"]))
+    run_cfg = json.loads(str(d["config"])) if "config" in d else {}
+    cfg = merge(
+        EvalConfig(),
+        {**run_cfg.get("eval", {}), "policies": a.policies, "episodes": a.episodes, "ensemble": a.ensemble},
+    )
+    if d["states"].shape[1] != task.obs_dim or d["actions"].shape[1] != task.act_dim:
+        raise ObdError(
+            f"{a.path}: synthetic set has dims {d['states'].shape[1]}/{d['actions'].shape[1]}, "
+            f"{task.name} needs {task.obs_dim}/{task.act_dim}"
+        )
+    res = evaluate_synthetic(
+        torch.from_numpy(d["states"]), torch.from_numpy(d["actions"]), task, d["mean"], d["std"], cfg, seed=a.seed
+    )
+    res = {"task": task.name, "path": str(a.path), "policies": cfg.policies, "episodes": cfg.episodes, **res}
     if a.json:
         print(json.dumps(res))
     else:
-        print(f"{task.name}: normalized return {res['normalized_return_mean']:.1f} +/- "
-              f"{res['normalized_return_std']:.1f} over {cfg.episodes} episodes")
+        print(
+            f"{task.name}: normalized return {res['score']:.1f} (std over {cfg.policies} policies "
+            f"{res['std_over_policies']:.1f}, {cfg.episodes} episodes each)"
+        )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main))

@@ -3,6 +3,7 @@
 All actors are tanh-Gaussian: ``net(obs) -> (mu, log_std)``, action = tanh(mu + std * eps).
 Their deterministic action is ``tanh(mu)``; OBD's behaviour cloning loss is an MSE on that.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,9 +1,12 @@
 """``make report TASK=...``: ``report.md`` and PNG plots from a finished sweep directory.
 
-Plots: normalized return per method (mean +/- std over the final seeds), learning curves of the
-final runs, and a 2-D PCA projection of the original (normalized) states coloured by estimated
-log density, with the synthetic states of SDW and Av-PBC (first final seed) overlaid.
+Reads only what earlier stages wrote: ``summary.json``, each final run's ``metrics.json`` and
+``synthetic.npz``, and the stage-2 artifacts those runs name (the dataset file, its normalization,
+the log-density). Plots: normalized return per method over seeds, learning curves (mean and band
+over seeds), and a PCA projection of the real states coloured by log density with each method's
+synthetic states in its own panel.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,52 +14,51 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
+from obd.errors import ObdError, cli
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from obd.density import DensityConfig, log_density  # noqa: E402
-
-COLORS = {"sdw": "tab:red", "avpbc": "tab:blue", "pbc": "tab:green", "dbc": "tab:purple"}
+COLORS = {"sdw": "tab:red", "avpbc": "tab:blue", "pbc": "tab:green", "dbc": "tab:purple", "random": "tab:gray"}
 
 
 def _finals(out: Path, method: str) -> list[dict]:
-    """Metrics of each final run of ``method``, with ``_dir`` (its output directory) added."""
     runs = sorted((out / "final" / method).glob("seed-*/metrics.json"))
     return [{**json.loads(p.read_text()), "_dir": p.parent} for p in runs]
 
 
 def plot_returns(summary: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     methods = list(summary["methods"])
-    means = [summary["methods"][m]["mean"] for m in methods]
-    stds = [summary["methods"][m]["std"] for m in methods]
-    fig, ax = plt.subplots(figsize=(4 + len(methods), 3.5))
-    ax.bar(methods, means, yerr=stds, capsize=6, color=[COLORS.get(m, "gray") for m in methods], alpha=0.8)
+    fig, ax = plt.subplots(figsize=(2 + 1.3 * len(methods), 3.5))
     for i, m in enumerate(methods):
-        ax.scatter([i] * len(summary["methods"][m]["values"]), summary["methods"][m]["values"], color="k", s=12, zorder=3)
-    ax.set_ylabel("normalized return")
-    ax.set_title(f"{summary['task']}: final seeds")
+        row = summary["methods"][m]
+        ax.bar(i, row["mean"], yerr=row["std"], capsize=6, color=COLORS.get(m, "gray"), alpha=0.7)
+        vals = list(row["per_seed"].values())
+        ax.scatter([i] * len(vals), vals, color="k", s=12, zorder=3)
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_ylabel("normalized return (last-K mean)")
+    ax.set_title(f"{summary['task']}: {len(next(iter(summary['methods'].values()))['per_seed'])} seeds per method")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_curves(out: Path, methods: list[str], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+def plot_curves(out: Path, methods: list[str], path: Path, task: str) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
     for m in methods:
-        hist = [r["history"] for r in _finals(out, m) if r.get("history")]
-        if not hist:
+        hists = [r["history"] for r in _finals(out, m) if r.get("history")]
+        if not hists:
             continue
-        steps = [h["step"] for h in hist[0]]
-        vals = np.array([[h["normalized_return_mean"] for h in r][: len(steps)] for r in hist
-                         if len(r) >= len(steps)])
+        steps = [h["step"] for h in hists[0]]
+        vals = np.array([[h["score"] for h in r][: len(steps)] for r in hists if len(r) >= len(steps)])
         mu, sd = vals.mean(0), vals.std(0)
-        ax.plot(steps, mu, label=m, color=COLORS.get(m))
+        ax.plot(steps, mu, marker="o", label=f"{m} (n={len(vals)})", color=COLORS.get(m))
         ax.fill_between(steps, mu - sd, mu + sd, color=COLORS.get(m), alpha=0.2)
     ax.set_xlabel("outer step")
     ax.set_ylabel("normalized return")
+    ax.set_title(f"{task}: evaluations during distillation (mean +/- std over seeds)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -64,63 +66,123 @@ def plot_curves(out: Path, methods: list[str], path: Path) -> None:
 
 
 def plot_projection(out: Path, methods: list[str], path: Path, n: int = 20_000) -> bool:
-    runs = {m: _finals(out, m) for m in methods}
-    first = next((r[0] for r in runs.values() if r), None)
-    if first is None:
-        return False
-    from obd.data import load_source, resolve_task
+    """PCA of (normalized) real states, coloured by the cached log-density; one panel per method."""
+    import matplotlib.pyplot as plt
+    import numpy as np
 
-    data_cfg = first["config"]["data"]
-    task = resolve_task(data_cfg["source"], data_cfg.get("task"))
-    ds = load_source(data_cfg["source"], task, size=data_cfg.get("size"), seed=data_cfg.get("data_seed", 0),
-                     show_progress=False)
-    mean, std = ds.observations.mean(0), ds.observations.std(0) + 1e-3
-    rng = np.random.default_rng(0)
-    x = (ds.observations[rng.choice(len(ds), min(n, len(ds)), replace=False)] - mean) / std
-    logp = log_density(x.astype(np.float32), DensityConfig())
+    from obd.data import get_task, load_source
+    from obd.seeding import numpy_rng
+
+    runs = {m: _finals(out, m) for m in methods}
+    runs = {m: r for m, r in runs.items() if r}
+    if not runs:
+        return False
+    first = next(iter(runs.values()))[0]
+    arts = first.get("artifacts") or {}
+    sdw = next((r[0] for m, r in runs.items() if m == "sdw"), None)
+    task = get_task(first["task"])
+    ds = load_source(arts["dataset"], task)
+    with np.load(arts["normalization"]) as z:
+        mean, std = z["mean"], z["std"]
+    rng = numpy_rng(0, "report-projection")
+    pick = rng.choice(len(ds), min(n, len(ds)), replace=False)
+    x = (ds.observations[pick] - mean) / std
+    logp_path = (sdw or {}).get("artifacts", {}).get("log_density") if sdw else None
+    logp = np.load(logp_path)[pick] if logp_path and Path(logp_path).is_file() else None
     center = x.mean(0)
     _, _, vt = np.linalg.svd(x - center, full_matrices=False)
-    proj = lambda a: (a - center) @ vt[:2].T  # noqa: E731
-    fig, ax = plt.subplots(figsize=(6, 5))
-    sc = ax.scatter(*proj(x).T, c=logp, s=2, cmap="viridis", alpha=0.5, rasterized=True)
-    fig.colorbar(sc, ax=ax, label="log density (kNN KDE)")
-    for m, marker in (("sdw", "*"), ("avpbc", "o")):
-        if runs.get(m):
-            z = np.load(runs[m][0]["_dir"] / "synthetic.npz")
-            ax.scatter(*proj(z["states"]).T, marker=marker, s=40, edgecolor="k", color=COLORS[m], label=f"{m} synthetic")
-    ax.set_xlabel("PC 1")
-    ax.set_ylabel("PC 2")
-    ax.legend(loc="best")
-    ax.set_title(f"{task.name}: states (PCA) and synthetic sets")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+
+    def proj(a: np.ndarray) -> np.ndarray:
+        return (a - center) @ vt[:2].T
+
+    px = proj(x)
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4), squeeze=False, sharex=True, sharey=True)
+    lo, hi = np.percentile(logp, [2, 98]) if logp is not None else (None, None)
+    for ax, (m, rs) in zip(axes[0], runs.items()):
+        sc = ax.scatter(
+            *px.T,
+            c=logp if logp is not None else "lightgray",
+            s=2,
+            cmap="viridis",
+            vmin=lo,
+            vmax=hi,
+            alpha=0.4,
+            rasterized=True,
+        )
+        with np.load(rs[0]["_dir"] / "synthetic.npz") as z:
+            ax.scatter(
+                *proj(z["states"]).T,
+                s=22,
+                marker="o",
+                facecolor=COLORS.get(m, "k"),
+                edgecolor="k",
+                linewidth=0.5,
+                label=f"{m} synthetic (seed {rs[0]['seed']})",
+            )
+        ax.set_title(m)
+        ax.set_xlabel("PC 1")
+        ax.legend(loc="upper right", fontsize=7)
+    axes[0][0].set_ylabel("PC 2")
+    if logp is not None:
+        fig.colorbar(sc, ax=axes[0].tolist(), label="log density (k-NN KDE, 2-98% range)")
+    fig.suptitle(f"{task.name}: real states (PCA of normalized states) and synthetic sets")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
 
 def write_report(out: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
     out = Path(out)
     path = out / "summary.json"
     if not path.is_file():
-        raise ValueError(f"{path}: no sweep summary; run `make sweep` first")
-    summary = json.loads(path.read_text())
-    methods = list(summary["methods"])
-    plot_returns(summary, out / "returns.png")
-    plot_curves(out, methods, out / "curves.png")
+        raise ObdError(f"{path}: no sweep summary; run `make sweep` first")
+    s = json.loads(path.read_text())
+    methods = list(s["methods"])
+    plot_returns(s, out / "returns.png")
+    plot_curves(out, methods, out / "curves.png", s["task"])
     has_proj = plot_projection(out, methods, out / "projection.png")
-    lines = [f"# {summary['task']}: {' vs '.join(methods)} (budget `{summary['budget']}`)", "",
-             "| method | normalized return (mean +/- std) | seeds | best trial | trials (complete / pruned / failed) |",
-             "|---|---|---|---|---|"]
-    for m, r in summary["methods"].items():
-        t = r["trials"]
-        lines.append(f"| {m} | {r['mean']:.1f} +/- {r['std']:.1f} | {r['n']} | {r['best_trial_value']:.1f} | "
-                     f"{t['complete']} / {t['pruned']} / {t['fail']} |")
-    if "difference" in summary:
-        d = summary["difference"]
-        lines += ["", f"Difference {d['of']}: **{d['mean']:+.1f}** (95% bootstrap CI "
-                      f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}])."]
+    pr = s["protocol"]
+    teacher = s.get("teacher") or {}
+    t_score = (teacher.get("normalized_return") or {}).get("mean")
+    lines = [
+        f"# {s['task']}: {' vs '.join(methods)} (budget `{s['budget']}`)",
+        "",
+        f"Dataset: {s['transitions']:,} transitions, behaviour score {s['behaviour_score']:.1f}. "
+        f"Teacher: {teacher.get('kind', '-')} scoring {t_score:.1f}"
+        if t_score is not None
+        else f"Dataset: {s['transitions']:,} transitions, behaviour score {s['behaviour_score']:.1f}.",
+        "",
+        f"Protocol: each evaluation trains {pr['policies']} fresh policies x {pr['episodes']} episodes; "
+        f"a run's score is the mean of its last {pr['last_k']} evaluations (Av-PBC/SDW default).",
+        "",
+        "| method | normalized return (mean +/- std over seeds) | seeds | per seed | best trial | "
+        "trials (complete / pruned / failed) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, r in s["methods"].items():
+        t = r.get("trials")
+        per = ", ".join(f"{v:.1f}" for v in r["per_seed"].values())
+        trials = f"{t['complete']} / {t['pruned']} / {t['fail']}" if t else "-"
+        best = f"{r['best_trial_value']:.1f}" if "best_trial_value" in r else "-"
+        lines.append(f"| {m} | {r['mean']:.1f} +/- {r['std']:.1f} | {r['n']} | {per} | {best} | {trials} |")
+    lines += [
+        "",
+        "| comparison | mean paired difference | 95% paired t CI | Wilcoxon p | 95% Welch CI | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, c in s["comparisons"].items():
+        ci, wci = c.get("paired_t_ci"), c.get("welch_ci")
+        fmt = lambda v: f"[{v[0]:+.1f}, {v[1]:+.1f}]" if v else "-"  # noqa: E731
+        wp = f"{c['wilcoxon_p']:.3f}" if "wilcoxon_p" in c else "-"
+        lines.append(
+            f"| {name} | {c['mean_difference']:+.1f} ({c['n_pairs']} seeds) | {fmt(ci)} | {wp} | "
+            f"{fmt(wci)} | {c['verdict']} |"
+        )
     lines += ["", "Best configurations:", ""]
-    lines += [f"- {m}: `{json.dumps(r['best_params'])}`" for m, r in summary["methods"].items()]
+    lines += [f"- {m}: `{json.dumps(r['best_params'])}`" for m, r in s["methods"].items() if "best_params" in r]
     lines += ["", "![normalized return per method](returns.png)", "", "![learning curves](curves.png)"]
     if has_proj:
         lines += ["", "![states and synthetic sets](projection.png)"]
@@ -131,17 +193,12 @@ def write_report(out: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m obd.report", description=__doc__)
-    p.add_argument("--task", default="halfcheetah-medium")
+    p.add_argument("--task", default="halfcheetah-medium", help="default halfcheetah-medium")
     p.add_argument("--out", default=None, help="the sweep directory (default runs/sweep-TASK)")
     a = p.parse_args(argv)
-    try:
-        path = write_report(a.out or f"runs/sweep-{a.task}")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(path)
+    print(write_report(a.out or f"runs/sweep-{a.task}"))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main))

@@ -4,11 +4,13 @@ A policy here is any callable ``(n_envs, obs_dim) float32 array -> (n_envs, act_
 Envs are gymnasium ``SyncVectorEnv`` (faster than async on 2 cores) with SAME_STEP autoreset, so
 a finished episode's last observation arrives in ``info["final_obs"]`` on the step that ends it.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
@@ -18,13 +20,14 @@ from gymnasium.vector import AutoresetMode
 Policy = Callable[[np.ndarray], np.ndarray]
 
 
-def make_vec_env(env_id: str, n_envs: int) -> gym.vector.VectorEnv:
-    return gym.make_vec(
-        env_id,
-        num_envs=n_envs,
-        vectorization_mode="sync",
-        vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
-    )
+def make_vec_env(env_id: str, n_envs: int) -> gym.vector.SyncVectorEnv:
+    return gym.vector.SyncVectorEnv([lambda: gym.make(env_id)] * n_envs, autoreset_mode=AutoresetMode.SAME_STEP)
+
+
+def _dim(space: gym.Space) -> int:
+    shape = space.shape
+    assert shape is not None and len(shape) == 1, f"expected a flat Box space, got {space}"
+    return int(shape[0])
 
 
 @contextlib.contextmanager
@@ -39,8 +42,9 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def evaluate_episodes(env_id: str, policy: Policy, n_episodes: int = 10, seed: int = 0,
-                      n_envs: int | None = None) -> np.ndarray:
+def evaluate_episodes(
+    env_id: str, policy: Policy, n_episodes: int = 10, seed: int = 0, n_envs: int | None = None
+) -> np.ndarray:
     """Undiscounted return of ``n_episodes`` full episodes, run ``n_envs`` at a time. Returns (n_episodes,)."""
     n_envs = min(n_episodes, n_envs or n_episodes)
     envs = make_vec_env(env_id, n_envs)
@@ -64,6 +68,24 @@ def evaluate_episodes(env_id: str, policy: Policy, n_episodes: int = 10, seed: i
     return np.asarray(returns[:n_episodes])
 
 
+def one_episode_per_env(env_id: str, policy: Policy, n_envs: int, seed: int = 0) -> np.ndarray:
+    """Undiscounted return of one full episode in each of ``n_envs`` envs (env i seeded ``seed + i``),
+    all stepped together so ``policy`` sees a batch of ``n_envs`` observations. Returns (n_envs,) in env order."""
+    envs = make_vec_env(env_id, n_envs)
+    returns = np.zeros(n_envs)
+    running = np.ones(n_envs, bool)
+    obs, _ = envs.reset(seed=seed)
+    with one_torch_thread():
+        try:
+            while running.any():
+                obs, rew, term, trunc, _ = envs.step(np.asarray(policy(obs.astype(np.float32)), dtype=np.float32))
+                returns += np.where(running, rew, 0.0)
+                running &= ~(term | trunc)
+        finally:
+            envs.close()
+    return returns
+
+
 @dataclass
 class Transitions:
     """Flat transitions, episodes contiguous. Arrays have a leading dimension N."""
@@ -78,12 +100,18 @@ class Transitions:
     qvel: np.ndarray
 
     @staticmethod
-    def concat(parts: list["Transitions"]) -> "Transitions":
+    def concat(parts: list[Transitions]) -> Transitions:
         return Transitions(*(np.concatenate([getattr(p, f) for p in parts]) for f in Transitions.__dataclass_fields__))
 
 
-def collect_transitions(env_id: str, policy: Policy, n_steps: int, seed: int = 0, n_envs: int = 8,
-                        progress: Callable[[int], None] | None = None) -> Transitions:
+def collect_transitions(
+    env_id: str,
+    policy: Policy,
+    n_steps: int,
+    seed: int = 0,
+    n_envs: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> Transitions:
     """Run ``policy`` for ``n_steps`` transitions in total, split over ``n_envs`` envs.
 
     Each env's stream is stored contiguously, so episodes stay contiguous; each env runs a whole
@@ -93,16 +121,16 @@ def collect_transitions(env_id: str, policy: Policy, n_steps: int, seed: int = 0
     n_envs = max(1, min(n_envs, n_steps))
     envs = make_vec_env(env_id, n_envs)
     # Whole time-limit blocks per env, so fixed-length episodes (halfcheetah) are never cut.
-    horizon = envs.envs[0].spec.max_episode_steps or 1
+    spec = envs.envs[0].spec
+    horizon = (spec.max_episode_steps if spec else None) or 1
     blocks = n_steps // horizon
     per_env = horizon * (np.full(n_envs, blocks // n_envs) + (np.arange(n_envs) < blocks % n_envs))
     per_env[np.argmin(per_env)] += n_steps - blocks * horizon
     if (per_env == 0).any():  # fewer steps than envs x horizon: split evenly instead
         per_env = np.full(n_envs, n_steps // n_envs) + (np.arange(n_envs) < n_steps % n_envs)
     T = int(per_env.max())
-    obs_dim = envs.single_observation_space.shape[0]
-    act_dim = envs.single_action_space.shape[0]
-    mj = envs.envs[0].unwrapped
+    obs_dim, act_dim = _dim(envs.single_observation_space), _dim(envs.single_action_space)
+    mj: Any = envs.envs[0].unwrapped  # a MujocoEnv
     nq, nv = mj.model.nq, mj.model.nv
     buf = {
         "observations": np.zeros((T, n_envs, obs_dim), np.float32),
@@ -119,8 +147,8 @@ def collect_transitions(env_id: str, policy: Policy, n_steps: int, seed: int = 0
         try:
             for t in range(T):
                 for i, e in enumerate(envs.envs):  # physics state before the step, as D4RL's infos/qpos
-                    buf["qpos"][t, i] = e.unwrapped.data.qpos
-                    buf["qvel"][t, i] = e.unwrapped.data.qvel
+                    buf["qpos"][t, i] = cast(Any, e.unwrapped).data.qpos
+                    buf["qvel"][t, i] = cast(Any, e.unwrapped).data.qvel
                 act = np.clip(np.asarray(policy(obs.astype(np.float32)), dtype=np.float32), -1.0, 1.0)
                 nxt, rew, term, trunc, info = envs.step(act)
                 done = term | trunc

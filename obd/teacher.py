@@ -9,6 +9,7 @@ defined in the training script's ``__main__``; :func:`load_corl_checkpoint` read
 unpickler that builds inert placeholders for every class outside torch's tensor machinery, so no
 foreign code runs.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,23 +26,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from obd.nets import EnsembleCritic, TanhGaussianActor, mlp
-
-
-@dataclass
-class TD3BCConfig:
-    steps: int = 1_000_000  # paper default; budgets shorten it
-    batch_size: int = 256
-    hidden: tuple[int, ...] = (256, 256)
-    actor_lr: float = 3e-4
-    critic_lr: float = 3e-4
-    gamma: float = 0.99
-    tau: float = 0.005
-    policy_noise: float = 0.2
-    noise_clip: float = 0.5
-    policy_freq: int = 2
-    alpha: float = 2.5  # BC trade-off: lambda = alpha / mean|Q|
-    seed: int = 0
+from obd.config import TD3BCConfig
+from obd.errors import ObdError
+from obd.nets import EnsembleCritic, EnsembleLinear, TanhGaussianActor, mlp
+from obd.seeding import derive_seed
 
 
 class DeterministicActor(nn.Module):
@@ -96,15 +84,29 @@ class Teacher:
         return torch.cat(acts), torch.cat(qs)
 
     def save(self, path: Path) -> None:
-        torch.save({"actor": self.actor.state_dict(), "critic": self.critic.state_dict(), "info": json.dumps(self.info),
-                    "kind": self.info["kind"]}, path)
+        torch.save(
+            {
+                "actor": self.actor.state_dict(),
+                "critic": self.critic.state_dict(),
+                "info": json.dumps(self.info),
+                "kind": self.info["kind"],
+            },
+            path,
+        )
 
 
-def train_td3bc(obs: torch.Tensor, act: torch.Tensor, rew: torch.Tensor, next_obs: torch.Tensor,
-                terminals: torch.Tensor, cfg: TD3BCConfig, show_progress: bool = True) -> Teacher:
+def train_td3bc(
+    obs: torch.Tensor,
+    act: torch.Tensor,
+    rew: torch.Tensor,
+    next_obs: torch.Tensor,
+    terminals: torch.Tensor,
+    cfg: TD3BCConfig,
+    show_progress: bool = True,
+) -> Teacher:
     """TD3+BC on normalized states. obs/next_obs (N, obs_dim), act (N, act_dim), rew/terminals (N,)."""
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(derive_seed(cfg.seed, "td3bc-init"))
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "td3bc-batches"))
     obs_dim, act_dim = obs.shape[1], act.shape[1]
     actor = DeterministicActor(obs_dim, act_dim, cfg.hidden)
     actor_t = copy.deepcopy(actor).requires_grad_(False)
@@ -113,8 +115,10 @@ def train_td3bc(obs: torch.Tensor, act: torch.Tensor, rew: torch.Tensor, next_ob
     a_opt = torch.optim.Adam(actor.parameters(), lr=cfg.actor_lr, fused=True)
     c_opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, fused=True)
     not_done = 1.0 - terminals.float()
-    params_c, params_ct = list(critic.parameters()), list(critic_t.parameters())
-    params_a, params_at = list(actor.parameters()), list(actor_t.parameters())
+    params_c: list[torch.Tensor] = list(critic.parameters())
+    params_ct: list[torch.Tensor] = list(critic_t.parameters())
+    params_a: list[torch.Tensor] = list(actor.parameters())
+    params_at: list[torch.Tensor] = list(actor_t.parameters())
     t0 = time.time()
     for it in tqdm(range(cfg.steps), desc="teacher TD3+BC", disable=not show_progress, unit="step", smoothing=0.05):
         idx = torch.randint(0, obs.shape[0], (cfg.batch_size,), generator=gen)
@@ -148,7 +152,7 @@ def train_td3bc(obs: torch.Tensor, act: torch.Tensor, rew: torch.Tensor, next_ob
 
 def _ensemble_member_into(ens: EnsembleCritic, i: int, q: QNetwork) -> None:
     lins = [m for m in q.net if isinstance(m, nn.Linear)]
-    elins = [m for m in ens.net if not isinstance(m, nn.ReLU)]
+    elins = [m for m in ens.net if isinstance(m, EnsembleLinear)]
     with torch.no_grad():
         for lin, el in zip(lins, elins):
             lin.weight.copy_(el.weight[i].T)
@@ -182,13 +186,36 @@ def _act_dim_of(actor_sd: dict, kind: str) -> int:
 # ---------------------------------------------------------------- CORL checkpoints, read safely
 
 _ALLOWED = {
-    ("collections", "OrderedDict"), ("copyreg", "_reconstructor"), ("_codecs", "encode"),
-    ("torch", "Size"), ("torch", "device"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    *{("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "bool", "str",
-                                "bytes", "bytearray", "complex", "slice", "object")},
+    ("collections", "OrderedDict"),
+    ("copyreg", "_reconstructor"),
+    ("_codecs", "encode"),
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    *{
+        ("builtins", n)
+        for n in (
+            "dict",
+            "list",
+            "tuple",
+            "set",
+            "frozenset",
+            "int",
+            "float",
+            "bool",
+            "str",
+            "bytes",
+            "bytearray",
+            "complex",
+            "slice",
+            "object",
+        )
+    },
 }
 
 
@@ -206,38 +233,44 @@ class _SafeUnpickler(pickle.Unpickler):
     """Tensors, storages, containers and dtypes are rebuilt; every other global becomes an inert class."""
 
     def find_class(self, module: str, name: str):
-        if ((module, name) in _ALLOWED or (module == "torch._utils" and name.startswith("_rebuild"))
-                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+        if (
+            (module, name) in _ALLOWED
+            or (module == "torch._utils" and name.startswith("_rebuild"))
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        ):
             return super().find_class(module, name)
         return type(name, (_Inert,), {"__module__": module})
 
 
-_safe_pickle = types.SimpleNamespace(Unpickler=_SafeUnpickler, load=lambda f, **kw: _SafeUnpickler(f, **kw).load(),
-                                     __name__="obd_safe_pickle")
+_safe_pickle = types.SimpleNamespace(
+    Unpickler=_SafeUnpickler, load=lambda f, **kw: _SafeUnpickler(f, **kw).load(), __name__="obd_safe_pickle"
+)
 
 
 def load_corl_checkpoint(path: str | Path, obs_dim: int, act_dim: int) -> Teacher:
     """pi* and Q1 from a CORL checkpoint (``actor`` + ``critic1`` state dicts); nothing else is built."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such teacher checkpoint")
+        raise ObdError(f"{path}: no such teacher checkpoint")
     raw = path.read_bytes()
     try:
         ck = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False, pickle_module=_safe_pickle)
     except Exception as e:  # corrupt zip, refused global, truncated file
-        raise ValueError(f"{path}: cannot read as a CORL checkpoint ({e})") from None
+        raise ObdError(f"{path}: cannot read as a CORL checkpoint ({e})") from None
     if not isinstance(ck, dict) or "actor" not in ck or "critic1" not in ck:
         keys = list(ck)[:10] if isinstance(ck, dict) else type(ck).__name__
-        raise ValueError(f"{path}: a CORL checkpoint has 'actor' and 'critic1' state dicts; found {keys}")
+        raise ObdError(f"{path}: a CORL checkpoint has 'actor' and 'critic1' state dicts; found {keys}")
     a_sd = {k.replace("base_network.", "net."): v for k, v in ck["actor"].items() if k.startswith("base_network.")}
     c_sd = {k.replace("network.", "net."): v for k, v in ck["critic1"].items() if k.startswith("network.")}
     a_w = [v for k, v in a_sd.items() if k.endswith("weight")]
     c_w = [v for k, v in c_sd.items() if k.endswith("weight")]
     if not a_w or not c_w:
-        raise ValueError(f"{path}: 'actor' lacks base_network.* or 'critic1' lacks network.* weights")
+        raise ObdError(f"{path}: 'actor' lacks base_network.* or 'critic1' lacks network.* weights")
     if a_w[0].shape[1] != obs_dim or a_w[-1].shape[0] != 2 * act_dim or c_w[0].shape[1] != obs_dim + act_dim:
-        raise ValueError(f"{path}: networks are for obs/act dims {a_w[0].shape[1]}/{a_w[-1].shape[0] // 2}, "
-                         f"the task has {obs_dim}/{act_dim}")
+        raise ObdError(
+            f"{path}: networks are for obs/act dims {a_w[0].shape[1]}/{a_w[-1].shape[0] // 2}, "
+            f"the task has {obs_dim}/{act_dim}"
+        )
     actor = TanhGaussianActor(obs_dim, act_dim, tuple(w.shape[0] for w in a_w[:-1]))
     actor.load_state_dict(a_sd)
     critic = QNetwork(obs_dim, act_dim, tuple(w.shape[0] for w in c_w[:-1]))
@@ -255,3 +288,23 @@ def teacher_numpy_policy(teacher: Teacher, mean: np.ndarray, std: np.ndarray):
         return teacher.actor((torch.as_tensor(obs) - m) / s).numpy()
 
     return policy
+
+
+def load_teacher(path: str | Path, obs_dim: int, act_dim: int) -> Teacher:
+    """A teacher file: obd's own (written by :meth:`Teacher.save`) or a CORL checkpoint (read safely)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ObdError(f"{path}: no such teacher file")
+    try:
+        d = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception:  # CORL files pickle optimizer objects and __main__ classes: the safe reader handles them
+        d = None
+    if isinstance(d, dict) and {"actor", "critic", "info", "kind"} <= set(d):
+        teacher = load_teacher_file(path)
+        dims = next(iter(teacher.critic.parameters())).shape[1]
+        if dims != obs_dim + act_dim:
+            raise ObdError(
+                f"{path}: the teacher's networks take obs+act dimension {dims}, the task has {obs_dim}+{act_dim}"
+            )
+        return teacher
+    return load_corl_checkpoint(path, obs_dim, act_dim)

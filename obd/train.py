@@ -1,247 +1,315 @@
 """One distillation run: ``python -m obd.train --task halfcheetah-medium --method sdw``.
 
-Settings come from, in increasing priority: the ``--budget`` preset, ``--config FILE.yaml``
-(nested like :class:`TrainConfig`), and the command-line flags. Outputs in ``--out``:
-``synthetic.npz``, ``metrics.json``, ``checkpoints/`` (``--resume`` continues from ``last.ckpt``);
-logs go to ``lightning_logs/`` (CSV) and W&B (offline unless you are logged in).
-``--method random`` skips distillation and evaluates 256 random real pairs: the baseline.
+Settings (see :mod:`obd.config`), in increasing priority: the ``--budget`` YAML, ``--config
+FILE.yaml`` (nested like :class:`obd.config.RunConfig`), and the flags. The pipeline:
+dataset -> targets (teacher, Q, density; cached) -> distillation -> evaluation -> outputs in
+``--out``: ``synthetic.npz``, ``metrics.json`` (every evaluation, the last-K score, config, seed,
+versions, data hash), ``config.yaml``, ``checkpoints/`` (``--resume`` continues from ``last.ckpt``),
+``logs/`` (CSV) and ``wandb/`` (offline unless you are logged in).
+``--method random`` skips distillation and evaluates random real pairs: the baseline.
 """
+
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
-import warnings
-import platform
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
-import yaml
-
-from obd.data import DatasetError, UnknownTaskError
-from obd.datamodule import METHODS, DataConfig, OBDDataModule
-from obd.distill import BehaviorDistillation, DistillConfig
-from obd.evaluate import EvalConfig, EvaluationCallback, evaluate_synthetic, save_synthetic
+from obd.config import METHODS, RunConfig, budget_names, build_config, read_yaml, to_dict
+from obd.errors import ConfigError, ObdError, cli
 
 log = logging.getLogger("obd.train")
-# Lightning's advice for manual optimization does not apply: the synthetic set is checkpointed after its step.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
-@dataclass
-class TrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    outer_steps: int = 50_000
-    eval_every: int = 1_000
-    checkpoint_every: int = 200
-    grad_fn: str = "fast"  # fast (hand-derived BPTT) | unrolled (plain autograd, the oracle)
-    threads: int = 2
-    out: str | None = None  # default runs/{task}-{method}-s{seed}
-    wandb: bool = True
-    wandb_project: str = "obd"
-    wandb_group: str | None = None
-    budget: str = "paper"
-
-
-# Budgets scale the run. "paper" keeps the published defaults. The short budgets use Adam on the
-# synthetic data: at the published SGD(lr 0.1, momentum 0.9) the outer gradient norm is ~0.02-0.03,
-# so a few hundred steps barely move the synthetic set (halfcheetah-medium, seed 0, 300 steps:
-# SGD 6.7, Adam lr 0.01 26.1 normalized return; see the README).
-_ADAM = {"outer_optimizer": "adam", "outer_lr": 0.01}
-BUDGETS: dict[str, dict] = {
-    "smoke": {"outer_steps": 4, "eval_every": 0, "checkpoint_every": 2,
-              "data": {"size": 20_000, "teacher_cfg": {"steps": 300}, "teacher_eval_episodes": 1},
-              "distill": {"inner_steps": 10, "test_batches": 2}, "eval": {"episodes": 2, "inner_steps": 10}},
-    "quick": {"outer_steps": 300, "eval_every": 100, "checkpoint_every": 50, "distill": _ADAM,
-              "data": {"teacher_cfg": {"steps": 30_000}, "teacher_eval_episodes": 5},
-              "eval": {"episodes": 10}},
-    "sweep": {"outer_steps": 150, "eval_every": 50, "checkpoint_every": 50, "distill": _ADAM,
-              "data": {"teacher_cfg": {"steps": 30_000}, "teacher_eval_episodes": 5},
-              "eval": {"episodes": 5}},
-    "paper": {"outer_steps": 50_000, "eval_every": 1_000, "data": {"teacher_cfg": {"steps": 1_000_000}}},
-}
-
-
-def merge(cfg, updates: dict, where: str = ""):
-    """Recursively apply a nested dict to a (nested) dataclass; unknown keys are an error."""
-    names = {f.name: f for f in dataclasses.fields(cfg)}
-    for k, v in updates.items():
-        if k not in names:
-            raise ValueError(f"unknown setting '{where}{k}'; known: {', '.join(names)}")
-        cur = getattr(cfg, k)
-        if dataclasses.is_dataclass(cur) and isinstance(v, dict):
-            merge(cur, v, f"{where}{k}.")
-        else:
-            setattr(cfg, k, tuple(v) if isinstance(cur, tuple) and isinstance(v, list) else v)
-    return cfg
-
-
-def versions() -> dict:
-    import faiss
-    import gymnasium
-    import mujoco
-    import lightning
-
-    import obd
-
+def check_writable(out: Path) -> None:
+    """Fail before any work if ``out`` cannot be created and written."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"obd": obd.__version__, "git_commit": commit, "python": platform.python_version(),
-            "torch": torch.__version__, "gymnasium": gymnasium.__version__, "mujoco": mujoco.__version__,
-            "faiss": faiss.__version__, "lightning": lightning.__version__}
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ObdError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
-def make_wandb_logger(cfg: TrainConfig, out: Path, name: str, tags: list[str]):
-    """One W&B run per call; offline (syncable later with ``wandb sync``) unless logged in."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    mode = os.environ.get("WANDB_MODE")
-    if mode is None:
-        mode = "online" if (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()) else "offline"
-    return WandbLogger(project=cfg.wandb_project, group=cfg.wandb_group, name=name, save_dir=str(out),
-                       mode=mode, tags=tags, config=asdict(cfg))
+def default_out(cfg: RunConfig) -> Path:
+    name = (cfg.data.task or cfg.data.source).replace("/", "_").replace(":", "_")
+    return Path(f"runs/{name}-{cfg.distill.method}-s{cfg.distill.seed}")
 
 
-def _netrc_has_wandb() -> bool:
-    p = Path.home() / ".netrc"
-    return p.is_file() and "api.wandb.ai" in p.read_text(errors="ignore")
-
-
-def run(cfg: TrainConfig, resume: bool = False, show_progress: bool = True, extra_callbacks: list | None = None,
-        loggers: list | None = None) -> dict:
-    """Distil (or, for method 'random', sample) a synthetic set, evaluate it, write the outputs."""
+def _evaluation_callback(task, mean, std, cfg: RunConfig, listeners: Sequence):
     import lightning.pytorch as pl
+
+    from obd.evaluate import evaluate_synthetic
+    from obd.seeding import derive_seed
+
+    class EvaluationCallback(pl.Callback):
+        """Evaluates the synthetic set every ``eval_every`` outer steps and at the end, with the published
+        protocol; results go to the loggers at their own outer step, to ``history`` and to ``listeners``."""
+
+        def __init__(self) -> None:
+            self.history: list[dict] = []
+
+        def _run(self, trainer: pl.Trainer, module: Any) -> None:
+            step = trainer.global_step
+            if self.history and self.history[-1]["step"] == step:
+                return
+            states, actions = module.synthetic()
+            res = evaluate_synthetic(
+                states, actions, task, mean, std, cfg.eval, seed=derive_seed(cfg.distill.seed, "evaluation", step)
+            )
+            self.history.append({"step": step, **res})
+            for lg in trainer.loggers:
+                lg.log_metrics(
+                    {
+                        "normalized_return": res["score"],
+                        "normalized_return_std_over_policies": res["std_over_policies"],
+                    },
+                    step=step,
+                )
+            for listen in listeners:
+                listen(step, res["score"])
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if cfg.eval_every and trainer.global_step % cfg.eval_every == 0:
+                self._run(trainer, module)
+
+        def on_train_end(self, trainer, module):
+            self._run(trainer, module)
+
+        def state_dict(self) -> dict:
+            return {"history": self.history}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.history = list(state.get("history", []))
+
+    return EvaluationCallback()
+
+
+def run(
+    cfg: RunConfig,
+    resume: bool = False,
+    show_progress: bool = True,
+    listeners: Sequence = (),
+    loggers: list | None = None,
+    force_task: bool = False,
+) -> dict:
+    """Distil (or, for method 'random', sample) a synthetic set, evaluate it, write the outputs; returns metrics."""
+    import lightning.pytorch as pl
+    import torch
+    import yaml
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
+    from obd.datamodule import OBDDataModule
+    from obd.distill import BehaviorDistillation
+    from obd.evaluate import evaluate_synthetic, save_synthetic, summarize_history
+    from obd.seeding import derive_seed
+    from obd.targets import prepare_targets
+    from obd.tracking import finish, versions, wandb_logger
+
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
     torch.set_num_threads(cfg.threads)
     method, seed = cfg.distill.method, cfg.distill.seed
-    if method not in (*METHODS, "random"):
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join((*METHODS, 'random'))}")
-    pl.seed_everything(seed, workers=True, verbose=False)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    check_writable(out)
+    pl.seed_everything(derive_seed(seed, "lightning") % 2**32, workers=True, verbose=False)
     t0 = time.time()
-    dm = OBDDataModule(cfg.data, method="dbc" if method == "random" else method, beta=cfg.distill.beta,
-                       batch_size=cfg.distill.batch_size, test_batches=cfg.distill.test_batches, seed=seed,
-                       show_progress=show_progress)
-    dm.prepare()
-    task = dm.task
-    out = Path(cfg.out or f"runs/{task.name}-{method}-s{seed}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(asdict(cfg), default=list))))
+    targets = prepare_targets(cfg, method, show_progress=show_progress, force_task=force_task)
+    task = targets.task
+    dm = OBDDataModule(
+        targets,
+        "dbc" if method == "random" else method,
+        cfg.distill.beta,
+        cfg.density,
+        cfg.distill.batch_size,
+        cfg.distill.test_batches,
+        seed,
+    )
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     init_s, init_a = dm.random_real_pairs(cfg.distill.n_synthetic, seed)
-    mean, std = dm.mean.numpy(), dm.std.numpy()
-    cfg.eval.seed = seed
-    history: list[dict] = []
+    mean, std = targets.mean.numpy(), targets.std.numpy()
+    described = targets.describe(method, cfg.distill.beta, cfg.density)
+    k = cfg.eval.k_for(method)
     if method == "random":
         states, actions = init_s, init_a
-        final = evaluate_synthetic(states, actions, task, mean, std, cfg.eval)
+        res = evaluate_synthetic(states, actions, task, mean, std, cfg.eval, seed=derive_seed(seed, "evaluation", 0))
+        history = [{"step": 0, **res}]
     else:
         module = BehaviorDistillation(cfg.distill, init_s, init_a, grad_fn=cfg.grad_fn)
-        evaluator = EvaluationCallback(task, mean, std, cfg.eval, cfg.eval_every)
+        evaluator = _evaluation_callback(task, mean, std, cfg, listeners)
         ckpt_dir = out / "checkpoints"
-        ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                  every_n_train_steps=cfg.checkpoint_every)
-        ckpt_path = None
-        if resume and (ckpt_dir / "last.ckpt").is_file():
-            ckpt_path = str(ckpt_dir / "last.ckpt")
-            dm.start_step = int(torch.load(ckpt_path, weights_only=False, map_location="cpu")["global_step"])
-            log.info("resuming from %s at outer step %d", ckpt_path, dm.start_step)
+        ckpt_cb = ModelCheckpoint(
+            dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every
+        )
+        ckpt_path = str(ckpt_dir / "last.ckpt") if resume and (ckpt_dir / "last.ckpt").is_file() else None
+        if ckpt_path:
+            log.info("resuming from %s", ckpt_path)
+        own_loggers = loggers is None
         if loggers is None:
-            loggers = [CSVLogger("lightning_logs", name=f"{task.name}-{method}-s{seed}")]
+            loggers = [CSVLogger(str(out), name="logs", version="csv")]
             if cfg.wandb:
-                loggers.append(make_wandb_logger(cfg, out, f"{task.name}-{method}-s{seed}", [task.name, method]))
+                id_file = out / "wandb-run-id"
+                run_id = id_file.read_text().strip() if ckpt_path and id_file.is_file() else None
+                wb = wandb_logger(
+                    cfg.wandb_project,
+                    cfg.wandb_group,
+                    f"{task.name}-{method}-s{seed}",
+                    out,
+                    to_dict(cfg),
+                    [task.name, method],
+                    run_id=run_id,
+                )
+                id_file.write_text(wb.experiment.id)
+                loggers.append(wb)
         for lg in loggers:
-            lg.log_hyperparams({"config": asdict(cfg), "versions": versions(), **dm.describe()})
-        trainer = pl.Trainer(max_steps=cfg.outer_steps, max_epochs=-1, logger=loggers,
-                             callbacks=[evaluator, ckpt_cb, *(extra_callbacks or [])],
-                             enable_progress_bar=show_progress, enable_model_summary=False, log_every_n_steps=1,
-                             accelerator="cpu", devices=1, num_sanity_val_steps=0, deterministic=False)
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+            lg.log_hyperparams({"config": to_dict(cfg), "versions": versions(), **described})
+        trainer = pl.Trainer(
+            max_steps=cfg.outer_steps,
+            max_epochs=-1,
+            logger=loggers,
+            callbacks=[evaluator, ckpt_cb],
+            enable_progress_bar=show_progress,
+            enable_model_summary=False,
+            log_every_n_steps=1,
+            accelerator="cpu",
+            devices=1,
+            num_sanity_val_steps=0,
+            deterministic=False,
+        )
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        finally:
+            if own_loggers:
+                finish(loggers)
+        if trainer.interrupted:
+            raise KeyboardInterrupt
         trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # the final state, with the final evaluation
         states, actions = module.synthetic()
         history = evaluator.history
-        final = {k: history[-1][k] for k in ("normalized_return_mean", "normalized_return_std", "episode_scores")}
-    save_synthetic(out / "synthetic.npz", states, actions, mean, std, task, asdict(cfg))
-    metrics = {**final, "method": method, "task": task.name, "seed": seed, "outer_steps": cfg.outer_steps,
-               "budget": cfg.budget, "history": history, "wall_seconds": round(time.time() - t0, 1),
-               **dm.describe(), "versions": versions(), "config": asdict(cfg)}
+    save_synthetic(out / "synthetic.npz", states, actions, mean, std, task.name, to_dict(cfg))
+    metrics = {
+        "method": method,
+        "task": task.name,
+        "seed": seed,
+        "budget": cfg.budget,
+        "outer_steps": cfg.outer_steps,
+        **summarize_history(history, k),
+        "protocol": {
+            "policies": cfg.eval.policies,
+            "episodes": cfg.eval.episodes,
+            "last_k": k,
+            "ensemble": cfg.eval.ensemble,
+        },
+        "history": history,
+        "wall_seconds": round(time.time() - t0, 1),
+        **described,
+        "versions": versions(),
+        "config": to_dict(cfg),
+    }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
-    if method != "random":
-        for lg in loggers:
-            if hasattr(lg, "experiment") and lg.__class__.__name__ == "WandbLogger":
-                lg.experiment.summary.update({k: metrics[k] for k in ("normalized_return_mean", "normalized_return_std")})
     return metrics
 
 
-def build_config(args: argparse.Namespace) -> TrainConfig:
-    cfg = TrainConfig()
-    if args.budget not in BUDGETS:
-        raise ValueError(f"unknown budget {args.budget!r}; choose one of {', '.join(BUDGETS)}")
-    merge(cfg, BUDGETS[args.budget])
-    cfg.budget = args.budget
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ValueError(f"{path}: no such config file")
-        merge(cfg, yaml.safe_load(path.read_text()) or {})
-    flags = {
-        "data": {k: v for k, v in {"source": args.data or args.task, "task": args.task if args.data else None,
-                                   "size": args.size, "teacher": args.teacher}.items() if v is not None},
-        "distill": {k: v for k, v in {"method": args.method, "seed": args.seed, "n_synthetic": args.n_synthetic,
-                                      "inner_steps": args.inner_steps, "truncate": args.truncate}.items()
-                    if v is not None},
-        **{k: v for k, v in {"outer_steps": args.outer_steps, "eval_every": args.eval_every, "out": args.out,
-                             "threads": args.threads}.items() if v is not None},
-    }
-    if args.alpha is not None:
-        flags["data"]["density"] = {"alpha": args.alpha}
-    if args.episodes is not None:
-        flags["eval"] = {"episodes": args.episodes}
-    if args.no_wandb:
-        flags["wandb"] = False
-    merge(cfg, flags)
-    cfg.eval.inner_steps, cfg.eval.inner_lr = cfg.distill.inner_steps, cfg.distill.inner_lr
-    cfg.eval.hidden = cfg.distill.hidden
-    return cfg
+# ------------------------------------------------------------------ command line
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m obd.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default=None, help="e.g. halfcheetah-medium (the generated dataset, env, normalization)")
-    p.add_argument("--data", default=None, help="another source: D4RL hdf5 path, d4rl:TASK or minari:ID")
-    p.add_argument("--method", default=None, help="dbc | pbc | avpbc | sdw | random (default avpbc)")
-    p.add_argument("--budget", default="quick", help="smoke | quick | paper (default quick)")
-    p.add_argument("--config", default=None, help="YAML file with TrainConfig fields")
-    p.add_argument("--teacher", default=None, help="CORL checkpoint (actor + critic1) instead of training TD3+BC")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--size", type=int, default=None, help="generated dataset size")
-    p.add_argument("--alpha", type=float, default=None, help="SDW density exponent")
-    p.add_argument("--n-synthetic", type=int, default=None)
-    p.add_argument("--inner-steps", type=int, default=None)
-    p.add_argument("--truncate", type=int, default=None, help="truncated BPTT window")
-    p.add_argument("--outer-steps", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--episodes", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None)
+    p = argparse.ArgumentParser(
+        prog="python -m obd.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--task",
+        default=None,
+        help="e.g. halfcheetah-medium: the generated dataset, or the env and normalization of --data",
+    )
+    p.add_argument("--data", default=None, help="another source: a D4RL hdf5 path, d4rl:TASK or minari:ID")
+    p.add_argument("--force-task", action="store_true", help="accept a --task that contradicts the data's own")
+    p.add_argument("--method", default=None, help=f"{' | '.join(METHODS)} (default avpbc)")
+    p.add_argument(
+        "--budget", default="quick", help="one of sweeps/budgets/: smoke | quick | sweep | paper (default quick)"
+    )
+    p.add_argument("--config", default=None, help="YAML file of RunConfig fields (obd/config.py)")
+    p.add_argument(
+        "--teacher", default=None, help="a teacher file (obd's own, or a CORL checkpoint) instead of training TD3+BC"
+    )
+    p.add_argument("--seed", type=int, default=None, help="the run seed: init, batches, evaluation (default 0)")
+    p.add_argument("--data-seed", type=int, default=None, help="which generated dataset (default 0)")
+    p.add_argument("--size", type=int, default=None, help="generated dataset size (default: D4RL's)")
+    p.add_argument("--alpha", type=float, default=None, help="SDW density exponent (default 1.0)")
+    p.add_argument("--n-synthetic", type=int, default=None, help="synthetic pairs (default 256)")
+    p.add_argument("--inner-steps", type=int, default=None, help="inner SGD steps T (default 100)")
+    p.add_argument("--truncate", type=int, default=None, help="truncated BPTT window (default: none, exact)")
+    p.add_argument("--outer-steps", type=int, default=None, help="default: the budget's")
+    p.add_argument("--eval-every", type=int, default=None, help="default: the budget's")
+    p.add_argument("--policies", type=int, default=None, help="evaluation policies (default 10)")
+    p.add_argument("--episodes", type=int, default=None, help="episodes per evaluation policy (default 10)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
+    p.add_argument("--out", default=None, help="output directory (default runs/TASK-METHOD-sSEED)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
-    p.add_argument("--no-wandb", action="store_true")
+    p.add_argument("--no-wandb", action="store_true", help="no W&B run")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     return p
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    layers: list[dict] = []
+    if args.config:
+        loaded = read_yaml(Path(args.config))
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{args.config}: a config file is a mapping of RunConfig fields")
+        layers.append(loaded or {})
+    flags: dict[str, Any] = {
+        "data": {
+            k: v
+            for k, v in {
+                "source": args.data or args.task,
+                "task": args.task if args.data else None,
+                "size": args.size,
+                "data_seed": args.data_seed,
+            }.items()
+            if v is not None
+        },
+        "teacher": {"path": args.teacher} if args.teacher else {},
+        "density": {"alpha": args.alpha} if args.alpha is not None else {},
+        "distill": {
+            k: v
+            for k, v in {
+                "method": args.method,
+                "seed": args.seed,
+                "n_synthetic": args.n_synthetic,
+                "inner_steps": args.inner_steps,
+                "truncate": args.truncate,
+            }.items()
+            if v is not None
+        },
+        "eval": {k: v for k, v in {"policies": args.policies, "episodes": args.episodes}.items() if v is not None},
+        **{
+            k: v
+            for k, v in {
+                "outer_steps": args.outer_steps,
+                "eval_every": args.eval_every,
+                "out": args.out,
+                "threads": args.threads,
+            }.items()
+            if v is not None
+        },
+    }
+    if args.no_wandb:
+        flags["wandb"] = False
+    layers.append(flags)
+    if args.budget not in budget_names():
+        raise ConfigError(f"unknown budget {args.budget!r}; choose one of {', '.join(budget_names())}")
+    return build_config(args.budget, layers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,20 +317,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     for noisy in ("lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    cfg = config_from_args(args)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    cfg.out = str(out)
     try:
-        cfg = build_config(args)
-        m = run(cfg, resume=args.resume)
-    except (UnknownTaskError, DatasetError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        m = run(cfg, resume=args.resume, force_task=args.force_task)
+    except KeyboardInterrupt:
+        again = " ".join([sys.executable, "-m", "obd.train", *(argv if argv is not None else sys.argv[1:])])
+        again += "" if args.resume else " --resume"
+        raise ObdError(f"interrupted; the state is kept in {out / 'checkpoints'}; continue with: {again}") from None
     if args.json:
-        print(json.dumps({k: m[k] for k in ("task", "method", "seed", "normalized_return_mean",
-                                             "normalized_return_std")}))
+        print(json.dumps({k: m[k] for k in ("task", "method", "seed", "score", "final_score", "last_k_used")}))
     else:
-        print(f"{m['task']} {m['method']} seed {m['seed']}: normalized return "
-              f"{m['normalized_return_mean']:.1f} +/- {m['normalized_return_std']:.1f} ({m['wall_seconds']:.0f} s)")
+        print(
+            f"{m['task']} {m['method']} seed {m['seed']}: normalized return {m['score']:.1f} (mean of the last "
+            f"{m['last_k_used']} evaluations, {m['protocol']['policies']} policies x {m['protocol']['episodes']} "
+            f"episodes each; {m['wall_seconds']:.0f} s)"
+        )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    sys.exit(cli(main))

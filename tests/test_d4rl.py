@@ -75,8 +75,15 @@ def test_errors_name_the_file(tmp_path, hopper_transitions):
         load_d4rl_hdf5(tmp_path / "absent.hdf5", task)
     # a halfcheetah file read as hopper: the env mismatch is named
     with pytest.raises(DatasetError, match="Hopper-v5"):
-        load_d4rl_hdf5(write_real_layout(tmp_path / "hc.hdf5", tr, observations=np.zeros((600, 17), np.float32),
-                                         actions=np.zeros((600, 6), np.float32)), task)
+        load_d4rl_hdf5(
+            write_real_layout(
+                tmp_path / "hc.hdf5",
+                tr,
+                observations=np.zeros((600, 17), np.float32),
+                actions=np.zeros((600, 6), np.float32),
+            ),
+            task,
+        )
 
 
 def test_d4rl_url_and_cached_fetch(tmp_path, hopper_transitions, monkeypatch):

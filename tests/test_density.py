@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from obd.density import DensityConfig, density_weights, knn_sq_distances
+from obd.config import DensityConfig
+from obd.density import density_weights, knn_sq_distances
 
 
 def mixture(n_common=3000, n_rare=60, d=6, seed=0):

@@ -1,15 +1,22 @@
 import pytest
 import torch
 
-from obd.distill import (BehaviorDistillation, DistillConfig, init_policy, outer_grad_fast, outer_grad_unrolled,
-                         outer_loss, train_inner)
+from obd.config import DistillConfig
+from obd.distill import (
+    BehaviorDistillation,
+    init_policy,
+    outer_grad_fast,
+    outer_grad_unrolled,
+    outer_loss,
+    train_inner,
+)
 
 
 def tiny_problem(seed=0):
     g = torch.Generator().manual_seed(seed)
     S = torch.randn(8, 5, generator=g, dtype=torch.float64)
     A = torch.rand(8, 2, generator=g, dtype=torch.float64) * 2 - 1
-    p0 = [q.double() for q in init_policy(5, 2, (7, 6), g)]
+    p0 = [q.double() for q in init_policy(5, 2, (7, 6), g, init="corl")]
     p0[-2] = p0[-2] * 100  # a head large enough that the inner loop moves the outputs
     obs = torch.randn(30, 5, generator=g, dtype=torch.float64)
     target = torch.rand(30, 2, generator=g, dtype=torch.float64) * 2 - 1
@@ -29,12 +36,12 @@ def test_outer_gradient_matches_finite_differences(fn):
 
     assert float(L(S, A)) == pytest.approx(float(loss), rel=1e-12)
     eps = 1e-6
-    for (i, j) in [(0, 0), (3, 4), (7, 2)]:
+    for i, j in [(0, 0), (3, 4), (7, 2)]:
         E = torch.zeros_like(S)
         E[i, j] = eps
         fd = (L(S + E, A) - L(S - E, A)) / (2 * eps)
         assert float(gS[i, j]) == pytest.approx(float(fd), rel=1e-5, abs=1e-10)
-    for (i, j) in [(1, 0), (6, 1)]:
+    for i, j in [(1, 0), (6, 1)]:
         E = torch.zeros_like(A)
         E[i, j] = eps
         fd = (L(S, A + E) - L(S, A - E)) / (2 * eps)
@@ -56,7 +63,7 @@ def test_fast_equals_unrolled_and_truncation():
 def test_float32_published_shapes_agree():
     g = torch.Generator().manual_seed(0)
     S, A = torch.randn(32, 17, generator=g), torch.rand(32, 6, generator=g) * 2 - 1
-    p0 = init_policy(17, 6, (64, 64, 64), g)
+    p0 = init_policy(17, 6, (64, 64, 64), g, init="corl")  # float32 agrees tightly with the small head
     obs, target, w = torch.randn(128, 17, generator=g), torch.rand(128, 6, generator=g), torch.rand(128, generator=g)
     _, a1, b1 = outer_grad_unrolled(S, A, p0, obs, target, w, 20, 0.1)
     _, a2, b2 = outer_grad_fast(S, A, p0, obs, target, w, 20, 0.1)
@@ -69,6 +76,13 @@ def test_init_is_orthogonal_and_seeded():
     p = init_policy(17, 6, (256, 256, 256), g)
     W = p[2]  # 256 x 256 hidden layer, stored (in, out)
     torch.testing.assert_close(W.T @ W, 2 * torch.eye(256), atol=1e-4, rtol=0)
+    # the official init: gain sqrt(2) on the head too (rows orthonormal times sqrt(2)); corl: 1e-2
+    head = p[-2]  # (256, 6)
+    torch.testing.assert_close(head.T @ head, 2 * torch.eye(6), atol=1e-4, rtol=0)
+    assert all(float(b.abs().max()) == 0 for b in p[1::2])
+    small = init_policy(17, 6, (256, 256, 256), torch.Generator().manual_seed(3), init="corl")[-2]
+    torch.testing.assert_close(small.T @ small, 1e-4 * torch.eye(6), atol=1e-8, rtol=0)
+    assert DistillConfig().init == "official"
     m = BehaviorDistillation(DistillConfig(seed=5, hidden=(8,)), torch.zeros(4, 3), torch.zeros(4, 2))
     assert all(torch.equal(a, b) for a, b in zip(m.fresh_policy(10), m.fresh_policy(10)))
     assert not torch.equal(m.fresh_policy(10)[0], m.fresh_policy(11)[0])

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from obd.data import DatasetError, get_task, load_source
-from obd.data.export import export_policy
-from obd.data.generate import collect, dataset_path
-from obd.data.sac import SACConfig, train_sac
+from obd.behavior.export import export_policy
+from obd.behavior.generate import collect
+from obd.behavior.sac import SACConfig, train_sac
+from obd.data import DatasetError, generated_path, get_task, load_source
 
-TINY = dict(learning_starts=200, batch_size=32, hidden=(16, 16), snapshot_every=150, eval_episodes=1,
-            checkpoint_every=150)
+TINY = dict(
+    learning_starts=200, batch_size=32, hidden=(16, 16), snapshot_every=150, eval_episodes=1, checkpoint_every=150
+)
 
 
 @pytest.fixture
@@ -37,8 +38,9 @@ def test_sac_resumes_from_checkpoint(tmp_path):
     assert ck["step"] == 300 and ck["buffer"]["obs"].shape == (300, 11)
     s2 = train_sac(task, SACConfig(total_steps=450, **TINY), w, show_progress=False)
     assert [s["step"] for s in s2] == [150, 300, 450]  # continued, nothing redone
-    np.testing.assert_array_equal(torch.load(w / "checkpoint.pt", weights_only=False)["buffer"]["obs"][:300],
-                                  ck["buffer"]["obs"])
+    np.testing.assert_array_equal(
+        torch.load(w / "checkpoint.pt", weights_only=False)["buffer"]["obs"][:300], ck["buffer"]["obs"]
+    )
     # the updates changed the actor since the first snapshot
     assert not torch.equal(s2[0]["actor"]["net.0.weight"], s2[-1]["actor"]["net.0.weight"])
 
@@ -50,18 +52,24 @@ def test_export_and_collect_each_kind(hopper_policies):
     assert [r["step"] for r in pf["replay"]][-1] == pf["medium"]["step"]
     assert pf["replay"][0]["actor"]["net.0.weight"].dtype == torch.float16
 
-    for kind, size in [("random", 300), ("medium", 300), ("expert", 200), ("medium-expert", 400)]:
+    for kind, size in [("random", 300), ("medium", 300), ("medium", 200), ("expert", 200), ("medium-expert", 400)]:
         task = get_task(f"hopper-{kind}")
         path = collect(task, size, seed=1, show_progress=False)
-        assert path == dataset_path(task, size, 1)
+        assert path == generated_path(task, size, 1)
         with h5py.File(path) as f:
             assert f["observations"].shape == (size, 11) and f["metadata/task"][()].decode() == task.name
             assert {"qpos", "qvel"} <= set(f["infos"])
-        ds = load_source(task.name, task, size=size, seed=1, generate=False)
+        ds = load_source(task.name, task, size=size, seed=1)
         assert len(ds) == size and np.all(np.abs(ds.actions) <= 1)
         # consecutive transitions inside an episode chain: next_obs[t] == obs[t + 1]
         inner = ~(ds.terminals | ds.timeouts)[:-1]
         np.testing.assert_array_equal(ds.next_observations[:-1][inner], ds.observations[1:][inner])
+
+    # medium-expert is exactly medium followed by expert, as D4RL built it (same data seed, same sizes)
+    me = load_source("hopper-medium-expert", size=400, seed=1)
+    med = load_source("hopper-medium", size=200, seed=1)
+    exp = load_source("hopper-expert", size=200, seed=1)
+    np.testing.assert_array_equal(me.observations, np.concatenate([med.observations, exp.observations]))
 
     # medium-replay defaults to the number of training steps up to the medium snapshot, stored float64
     task = get_task("hopper-medium-replay")
@@ -76,7 +84,9 @@ def test_export_and_collect_each_kind(hopper_policies):
     assert collect(task, None, seed=0, show_progress=False) == path and os.path.getmtime(path) == mtime
     # a different seed is a different dataset
     other = collect(get_task("hopper-random"), 300, seed=2, show_progress=False)
-    assert not np.array_equal(h5py.File(other)["actions"][()], h5py.File(dataset_path(get_task("hopper-random"), 300, 1))["actions"][()])
+    assert not np.array_equal(
+        h5py.File(other)["actions"][()], h5py.File(generated_path(get_task("hopper-random"), 300, 1))["actions"][()]
+    )
 
 
 def test_missing_expert_is_a_clear_error(tmp_path):
@@ -91,12 +101,13 @@ def test_missing_expert_is_a_clear_error(tmp_path):
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "obd.data", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "obd.data", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
 
 
 def test_cli_collect_and_info(tmp_path):
-    r = run_cli("collect", "walker2d-random", "--size", "250")
+    r = run_cli("collect", "--task", "walker2d-random", "--size", "250")
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()).is_file()
     r = run_cli("info", "walker2d-random", "--size", "250", "--json")
@@ -114,7 +125,24 @@ def test_cli_errors_are_one_line():
     r = run_cli("collect", "ant-medium")
     assert r.returncode == 2 and "unknown task 'ant-medium'" in r.stderr and "hopper-medium-replay" in r.stderr
     assert "Traceback" not in r.stderr
-    r = run_cli("info", "hopper-medium")  # never generated here
+    r = run_cli("info", "hopper-medium")  # never generated here: reading does not generate
     assert r.returncode == 2 and "not generated yet" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("info", "/nonexistent/file.hdf5", "--task", "hopper-medium")
     assert r.returncode == 2 and "/nonexistent/file.hdf5: no such file" in r.stderr
+
+
+def test_reading_never_generates(tmp_path):
+    """Bug (issue 9): load_source generated a missing dataset as a side effect of reading it."""
+    with pytest.raises(DatasetError, match="not generated yet.*python -m obd.data collect hopper-random"):
+        load_source("hopper-random", size=100)
+    assert not (tmp_path / "data" / "datasets").exists()
+
+
+def test_behavior_export_error_is_one_line(tmp_path):
+    """Bug (issue 9): export-policy on a directory without a SAC run ended in a traceback."""
+    r = subprocess.run(
+        [sys.executable, "-m", "obd.behavior", "export", "hopper", "--workdir", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "not a behaviour-SAC run" in r.stderr and "Traceback" not in r.stderr

@@ -17,9 +17,15 @@ def make_minari_dataset(dataset_id: str, env_id: str, n_steps: int) -> list:
         _, _, term, trunc, _ = env.step(env.action_space.sample())
         if term or trunc:
             env.reset()
-    ds = env.create_dataset(dataset_id=dataset_id, algorithm_name="uniform-random", author="obd tests",
-                            author_email="obd@example.org", code_permalink="https://example.org/obd",
-                            description="obd test data", eval_env=env_id)
+    ds = env.create_dataset(
+        dataset_id=dataset_id,
+        algorithm_name="uniform-random",
+        author="obd tests",
+        author_email="obd@example.org",
+        code_permalink="https://example.org/obd",
+        description="obd test data",
+        eval_env=env_id,
+    )
     env.close()
     return list(ds.iterate_episodes())
 
@@ -31,7 +37,9 @@ def test_datacollector_dataset_read_back_by_id():
     n = sum(len(e.actions) for e in episodes)
     assert len(ds) == n and ds.source == "minari:test/hopper/tiny-v0"
     np.testing.assert_allclose(ds.observations[: len(episodes[0].actions)], episodes[0].observations[:-1], rtol=1e-6)
-    np.testing.assert_allclose(ds.next_observations[: len(episodes[0].actions)], episodes[0].observations[1:], rtol=1e-6)
+    np.testing.assert_allclose(
+        ds.next_observations[: len(episodes[0].actions)], episodes[0].observations[1:], rtol=1e-6
+    )
     # one episode per Minari episode, with the same returns
     assert len(ds.episode_ends) == len(episodes)
     np.testing.assert_allclose(ds.episode_returns(), [e.rewards.sum() for e in episodes], rtol=1e-5)

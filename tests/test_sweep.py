@@ -15,19 +15,35 @@ import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from obd.sweep import EvaluationPruning, bootstrap_diff, load_study
+from obd.errors import ConfigError
+from obd.sweep import TrialPruning, default_study, load_study
 
 STUDY = {
-    "methods": ["sdw", "avpbc"], "trials": 2, "seeds": 2, "budget": "smoke", "sampler_seed": 0,
-    "fixed": {"outer_steps": 4, "eval_every": 2, "checkpoint_every": 2, "threads": 1,
-              "data": {"source": "hopper-random", "size": 2000, "teacher_cfg": {"steps": 100, "hidden": [16, 16]},
-                       "teacher_eval_episodes": 0},
-              "distill": {"n_synthetic": 8, "hidden": [16, 16], "test_batches": 1, "batch_size": 32},
-              "eval": {"episodes": 1}},
-    "search": {"distill.outer_lr": {"type": "float", "low": 0.05, "high": 0.5, "log": True},
-               "distill.inner_steps": {"type": "int", "low": 2, "high": 4}},
-    "method_search": {"sdw": {"data.density.alpha": {"type": "float", "low": 0.1, "high": 1.0},
-                              "data.density.k": {"type": "int", "low": 3, "high": 8}}},
+    "methods": ["sdw", "avpbc"],
+    "trials": 2,
+    "seeds": 2,
+    "budget": "smoke",
+    "sampler_seed": 0,
+    "fixed": {
+        "outer_steps": 4,
+        "eval_every": 2,
+        "checkpoint_every": 2,
+        "threads": 1,
+        "data": {"size": 2000},
+        "teacher": {"td3bc": {"steps": 100, "hidden": [16, 16]}, "eval_episodes": 0},
+        "distill": {"n_synthetic": 8, "hidden": [16, 16], "test_batches": 1, "batch_size": 32},
+        "eval": {"policies": 2, "episodes": 1, "inner_steps": 5, "hidden": [16, 16]},
+    },
+    "search": {
+        "distill.outer_lr": {"type": "float", "low": 0.05, "high": 0.5, "log": True},
+        "distill.inner_steps": {"type": "int", "low": 2, "high": 4},
+    },
+    "method_search": {
+        "sdw": {
+            "density.alpha": {"type": "float", "low": 0.1, "high": 1.0},
+            "density.k": {"type": "int", "low": 3, "high": 8},
+        }
+    },
     "pruner": {"n_startup_trials": 1, "n_warmup_steps": 0},
 }
 
@@ -40,8 +56,18 @@ def write_study(tmp_path, **over) -> Path:
 
 
 def sweep_cmd(study: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "obd.sweep", "--task", "hopper-random", "--study", str(study), "--out", str(out),
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "obd.sweep",
+        "--task",
+        "hopper-random",
+        "--study",
+        str(study),
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def env(tmp_path) -> dict:
@@ -49,29 +75,33 @@ def env(tmp_path) -> dict:
 
 
 def trials_of(out: Path, method: str, storage: str | None = None):
-    st = optuna.load_study(study_name=f"hopper-random-{method}-smoke",
-                           storage=storage or f"sqlite:///{out / 'study.db'}")
+    st = optuna.load_study(
+        study_name=f"hopper-random-{method}-smoke", storage=storage or f"sqlite:///{out / 'study.db'}"
+    )
     return st.get_trials(deepcopy=False)
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end_and_resume(tmp_path):
     study, out = write_study(tmp_path), tmp_path / "sweep"
     r = subprocess.run(sweep_cmd(study, out), capture_output=True, text=True, env=env(tmp_path), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["methods"]) == {"sdw", "avpbc"}
+    assert set(summary["methods"]) == {"sdw", "avpbc", "random"}  # the random-pairs baseline always runs
+    assert summary["protocol"]["policies"] == 2 and summary["protocol"]["last_k"] == 5
     for m in ("sdw", "avpbc"):
         row = summary["methods"][m]
-        assert row["n"] == 2 and len(row["values"]) == 2
+        assert row["n"] == 2 and len(row["per_seed"]) == 2
         done = [t for t in trials_of(out, m) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         assert len(done) == 2
         assert (out / "final" / m / "seed-2" / "synthetic.npz").is_file()
-    assert "data.density.alpha" in summary["methods"]["sdw"]["best_params"]
-    assert "data.density.alpha" not in summary["methods"]["avpbc"]["best_params"]
-    lo, hi = summary["difference"]["ci95"]
-    assert lo <= summary["difference"]["mean"] <= hi
+    assert "density.alpha" in summary["methods"]["sdw"]["best_params"]
+    assert "density.alpha" not in summary["methods"]["avpbc"]["best_params"]
+    c = summary["comparisons"]["sdw - avpbc"]
+    assert c["n_pairs"] == 2 and c["paired_t_ci"][0] <= c["mean_difference"] <= c["paired_t_ci"][1]
+    assert "only 2 paired seeds" in c["verdict"]
     report = (out / "report.md").read_text()
-    assert "| sdw |" in report and "| avpbc |" in report
+    assert "| sdw |" in report and "| avpbc |" in report and "| random |" in report and "sdw - avpbc" in report
     for png in ("returns.png", "curves.png", "projection.png"):
         assert (out / png).stat().st_size > 1000
     # W&B: one offline run per trial and per final run, plus the study run
@@ -83,14 +113,33 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert len(trials_of(out, "sdw")) == 2 and len(trials_of(out, "avpbc")) == 2
     assert (out / "final" / "sdw" / "seed-1" / "metrics.json").stat().st_mtime == mtime
+    # a changed study in the same OUT is refused with the difference named (it used to reuse old finals)
+    changed = write_study(
+        tmp_path, fixed={**STUDY["fixed"], "distill": {**STUDY["fixed"]["distill"], "n_synthetic": 4}}
+    )
+    r3 = subprocess.run(sweep_cmd(changed, out), capture_output=True, text=True, env=env(tmp_path), cwd=tmp_path)
+    assert r3.returncode == 2 and "another definition" in r3.stderr and "n_synthetic" in r3.stderr
+    assert "Traceback" not in r3.stderr
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
-    study = write_study(tmp_path, methods=["avpbc"], trials=4, seeds=1,
-                        fixed={**STUDY["fixed"], "outer_steps": 150, "eval_every": 50, "wandb": False})
+    study = write_study(
+        tmp_path,
+        methods=["avpbc"],
+        trials=4,
+        seeds=1,
+        fixed={**STUDY["fixed"], "outer_steps": 150, "eval_every": 50, "wandb": False},
+    )
     out = tmp_path / "sweep"
-    proc = subprocess.Popen(sweep_cmd(study, out), env=env(tmp_path), cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        sweep_cmd(study, out),
+        env=env(tmp_path),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     before = []
     while time.time() < deadline and proc.poll() is None:
@@ -123,13 +172,14 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
 
 
 def test_pruner_sees_each_evaluation_step():
-    study = optuna.create_study(direction="maximize",
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+    study = optuna.create_study(
+        direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+    )
 
     def objective(trial, values):
-        cb = EvaluationPruning(trial)
+        listen = TrialPruning(trial)
         for step, v in values:
-            cb.on_evaluation(None, step, v)
+            listen(step, v)
         return values[-1][1]
 
     study.optimize(lambda t: objective(t, [(100, 50.0), (200, 60.0), (300, 70.0)]), n_trials=1)
@@ -139,19 +189,46 @@ def test_pruner_sees_each_evaluation_step():
     assert study.trials[1].intermediate_values == {100: 10.0}  # pruned at the first weak evaluation
 
 
-def test_study_file_and_bootstrap(tmp_path):
-    spec = load_study(Path("sweeps/default.yaml") if Path("sweeps/default.yaml").exists() else
-                      Path(__file__).parent.parent / "sweeps" / "default.yaml", "hopper-medium", trials=3)
+def test_study_files_are_checked_against_the_config(tmp_path):
+    spec = load_study(default_study(), "hopper-medium", trials=3)
     assert spec["trials"] == 3 and spec["methods"] == ["sdw", "avpbc"]
-    assert spec["fixed"]["data"]["teacher_cfg"]["steps"] == 50000  # the per-task override
-    with pytest.raises(ValueError, match="unknown budget"):
+    assert spec["fixed"]["teacher"]["td3bc"]["steps"] == 50000  # the per-task override
+    with pytest.raises(ConfigError, match="unknown budget"):
         load_study(write_study(tmp_path, budget="huge"), "hopper-random")
-    with pytest.raises(ValueError, match="unknown method.*xyz"):
+    with pytest.raises(ConfigError, match="unknown method.*xyz"):
         load_study(write_study(tmp_path, methods=["sdw", "xyz"]), "hopper-random")
-    import numpy as np
+    # bug (issue 9): a typo in a search key became failed trials, swallowed and retried
+    with pytest.raises(ConfigError, match="unknown config key 'distill.inner_lrr'"):
+        load_study(
+            write_study(tmp_path, search={"distill.inner_lrr": {"type": "float", "low": 0.1, "high": 1}}),
+            "hopper-random",
+        )
+    with pytest.raises(ConfigError, match="'distill.inner_steps' can take 2.5"):
+        load_study(
+            write_study(tmp_path, search={"distill.inner_steps": {"type": "categorical", "choices": [2.5]}}),
+            "hopper-random",
+        )
+    with pytest.raises(ConfigError, match="unknown config key 'distill.nope'"):
+        load_study(write_study(tmp_path, fixed={"distill": {"nope": 1}}), "hopper-random")
 
-    d, lo, hi = bootstrap_diff(np.array([10.0, 11, 12, 13]), np.array([1.0, 2, 3, 4]))
-    assert d == pytest.approx(9.0) and 7 < lo < 9 < hi < 11
+
+def test_search_never_changes_the_evaluation_learner():
+    """Issue 10: a trial that searches distill.inner_lr/inner_steps is still scored by the published learner."""
+    from obd.config import EvalConfig
+    from obd.sweep import run_config
+
+    spec = load_study(default_study(), "halfcheetah-medium")
+    cfg = run_config(
+        spec, "halfcheetah-medium", "sdw", {"distill.inner_lr": 0.05, "distill.inner_steps": 50}, 0, Path("x"), "g"
+    )
+    assert cfg.distill.inner_lr == 0.05 and cfg.distill.inner_steps == 50
+    published = EvalConfig()
+    assert (cfg.eval.inner_lr, cfg.eval.inner_steps, cfg.eval.hidden, cfg.eval.init) == (
+        published.inner_lr,
+        published.inner_steps,
+        published.hidden,
+        published.init,
+    )
 
 
 def _pg_bin() -> Path | None:
@@ -175,27 +252,58 @@ def postgres(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "obd", "--auth=trust"], check=True,
-                   capture_output=True)
-    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(data / "log"), "-o",
-                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "obd", "--auth=trust"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *as_user,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-w",
+            "-l",
+            str(data / "log"),
+            "-o",
+            f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
-        subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "obd", "-d", "postgres", "-c",
-                        "CREATE DATABASE optuna"], check=True, capture_output=True)
+        subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "obd", "-d", "postgres", "-c", "CREATE DATABASE optuna"],
+            check=True,
+            capture_output=True,
+        )
         yield f"postgresql://obd@127.0.0.1:{port}/optuna"
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+        )
         shutil.rmtree(data, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_postgresql_study(tmp_path, postgres):
-    study = write_study(tmp_path, methods=["avpbc"], trials=4, seeds=1,
-                        fixed={**STUDY["fixed"], "outer_steps": 40, "eval_every": 20, "wandb": False})
+    study = write_study(
+        tmp_path,
+        methods=["avpbc"],
+        trials=4,
+        seeds=1,
+        fixed={**STUDY["fixed"], "outer_steps": 40, "eval_every": 20, "wandb": False},
+    )
     out = tmp_path / "sweep"
     cmd = sweep_cmd(study, out, "--storage", postgres, "--worker")
-    workers = [subprocess.Popen(cmd, env=env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            cmd, env=env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     for w in workers:
         _, err = w.communicate(timeout=600)
         assert w.returncode == 0, err[-3000:]

@@ -5,9 +5,11 @@ import textwrap
 import pytest
 import torch
 
-from obd.teacher import TD3BCConfig, load_corl_checkpoint, load_teacher_file, train_td3bc
+from obd.config import TD3BCConfig
+from obd.errors import ObdError
+from obd.teacher import load_corl_checkpoint, load_teacher, load_teacher_file, train_td3bc
 
-CORL_SCRIPT = textwrap.dedent('''
+CORL_SCRIPT = textwrap.dedent("""
     import sys, torch
     from torch import nn
 
@@ -45,7 +47,7 @@ CORL_SCRIPT = textwrap.dedent('''
     x = torch.linspace(-1, 1, 22).reshape(2, 11)
     a = torch.tanh(actor.base_network(x)[:, :3])
     torch.save({"x": x, "a": a, "q": q1.network(torch.cat([x, a], 1)).squeeze(-1)}, sys.argv[1] + ".expected")
-''')
+""")
 
 
 def test_corl_checkpoint_loads_without_running_foreign_code(tmp_path):
@@ -59,14 +61,14 @@ def test_corl_checkpoint_loads_without_running_foreign_code(tmp_path):
         torch.testing.assert_close(teacher.actor(exp["x"]), exp["a"])
         torch.testing.assert_close(teacher.critic(exp["x"], exp["a"]), exp["q"])
     assert teacher.info["total_it"] == 1234
-    with pytest.raises(ValueError, match="obs/act dims 11/3, the task has 17/6"):
+    with pytest.raises(ObdError, match="obs/act dims 11/3, the task has 17/6"):
         load_corl_checkpoint(ck, obs_dim=17, act_dim=6)
     bad = tmp_path / "bad.pt"
     torch.save({"policy": {}}, bad)
-    with pytest.raises(ValueError, match="'actor' and 'critic1'"):
+    with pytest.raises(ObdError, match="'actor' and 'critic1'"):
         load_corl_checkpoint(bad, 11, 3)
     bad.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="bad.pt: cannot read as a CORL checkpoint"):
+    with pytest.raises(ObdError, match="bad.pt: cannot read as a CORL checkpoint"):
         load_corl_checkpoint(bad, 11, 3)
 
 
@@ -87,6 +89,11 @@ def test_td3bc_learns_to_imitate_and_round_trips(tmp_path):
     a2, q2 = t2.actions_and_values(obs)
     torch.testing.assert_close(a1, a2)
     torch.testing.assert_close(q1, q2)
+    # obd's own teacher file is accepted wherever a teacher path is (it used to need a CORL 'critic1')
+    t4 = load_teacher(tmp_path / "t.pt", obs_dim=4, act_dim=2)
+    torch.testing.assert_close(t4.actions_and_values(obs)[0], a1)
+    with pytest.raises(ObdError, match="obs\\+act dimension 6, the task has 5\\+2"):
+        load_teacher(tmp_path / "t.pt", obs_dim=5, act_dim=2)
     # with a reward that prefers a = 0.5, the Q term moves the policy there from the data's actions
     t3 = train_td3bc(obs, act, -((act - 0.5) ** 2).sum(1), next_obs, torch.zeros(2000), cfg, show_progress=False)
     with torch.no_grad():

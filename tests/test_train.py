@@ -7,121 +7,196 @@ import numpy as np
 import pytest
 import torch
 
-from obd.data import get_task
-from obd.datamodule import DataConfig, OBDDataModule
-from obd.density import DensityConfig
-from obd.distill import BehaviorDistillation, DistillConfig
-from obd.teacher import TD3BCConfig
-from obd.train import BUDGETS, TrainConfig, merge, run
+from obd.config import DensityConfig, DistillConfig, RunConfig, build_config, merge
+from obd.datamodule import OBDDataModule
+from obd.distill import BehaviorDistillation
+from obd.targets import prepare_targets
+from obd.train import run
 
-TINY = {"outer_steps": 6, "eval_every": 3, "checkpoint_every": 2, "wandb": False, "threads": 1,
-        "data": {"source": "hopper-random", "size": 3000, "teacher_cfg": {"steps": 200, "hidden": [32, 32]},
-                 "teacher_eval_episodes": 1, "density": {"alpha": 1.0, "k": 5}},
-        "distill": {"n_synthetic": 16, "inner_steps": 5, "hidden": [32, 32], "test_batches": 2, "batch_size": 64},
-        "eval": {"episodes": 1, "inner_steps": 5, "hidden": [32, 32]}}
+TINY = {
+    "outer_steps": 6,
+    "eval_every": 3,
+    "checkpoint_every": 2,
+    "wandb": False,
+    "threads": 1,
+    "data": {"source": "hopper-random", "size": 3000},
+    "teacher": {"td3bc": {"steps": 200, "hidden": [32, 32]}, "eval_episodes": 1},
+    "density": {"alpha": 1.0, "k": 5},
+    "distill": {"n_synthetic": 16, "inner_steps": 5, "hidden": [32, 32], "test_batches": 2, "batch_size": 64},
+    "eval": {"policies": 2, "episodes": 1, "inner_steps": 5, "hidden": [32, 32]},
+}
 
 
-def tiny_cfg(tmp_path, **over) -> TrainConfig:
-    cfg = merge(TrainConfig(), TINY)
+def tiny_cfg(tmp_path, **over) -> RunConfig:
+    cfg = merge(RunConfig(), TINY)
     return merge(cfg, {"out": str(tmp_path / "run"), **over})
 
 
 def test_sdw_alpha_zero_equals_avpbc(tmp_path):
-    dc = DataConfig(source="hopper-random", size=3000, teacher_cfg=TD3BCConfig(steps=100, hidden=(32, 32)),
-                    teacher_eval_episodes=0, density=DensityConfig(alpha=0.0))
-    av = OBDDataModule(dc, "avpbc", show_progress=False)
-    av.prepare()
-    sdw = OBDDataModule(dc, "sdw", show_progress=False)
-    sdw.prepare()
-    (t1, w1), (t2, w2) = av.targets_and_weights(), sdw.targets_and_weights()
+    cfg = tiny_cfg(tmp_path, density={"alpha": 0.0})
+    t = prepare_targets(cfg, "sdw", show_progress=False)
+    (t1, w1), (t2, w2) = (
+        t.targets_and_weights("avpbc", 0.02, cfg.density),
+        t.targets_and_weights("sdw", 0.02, cfg.density),
+    )
     assert torch.equal(t1, t2) and torch.equal(w1, w2)
     # and with alpha > 0 the weights differ, by exactly the density factor
-    dc.density = DensityConfig(alpha=1.0, k=5)
-    sdw1 = OBDDataModule(dc, "sdw", show_progress=False)
-    sdw1.prepare()
-    _, w3 = sdw1.targets_and_weights()
+    d1 = DensityConfig(alpha=1.0, k=5)
+    _, w3 = t.targets_and_weights("sdw", 0.02, d1)
     assert not torch.equal(w1, w3)
-    torch.testing.assert_close(w3, w1 * sdw1.density_w)
+    torch.testing.assert_close(w3, w1 * t.density_weights(d1))
     # same batch stream, same synthetic init -> identical outer gradients for sdw(alpha=0) and avpbc
     grads = []
-    for dm in (av, sdw):
-        b = next(iter(dm.train_dataloader()))
+    for method in ("avpbc", "sdw"):
+        dm = OBDDataModule(t, method, 0.02, cfg.density, 64, 2, seed=0)
+        b = dm.batches().batch(0)
         s, a = dm.random_real_pairs(8, 0)
         m = BehaviorDistillation(DistillConfig(hidden=(16,), inner_steps=3), s, a)
         grads.append(m.outer_gradient(*b, step=0))
     assert torch.equal(grads[0][1], grads[1][1]) and torch.equal(grads[0][2], grads[1][2])
 
 
+def test_density_estimate_is_cached_once_for_every_alpha_and_clip(tmp_path):
+    """Issue 10: log p(s) is keyed by the estimator only; alpha and the cap apply on load."""
+    cfg = tiny_cfg(tmp_path)
+    t = prepare_targets(cfg, "sdw", show_progress=False)
+    cache = tmp_path / "data" / "cache" / t.data_hash
+    files = sorted(cache.glob("logp-*.npy"))
+    assert len(files) == 1
+    for alpha, clip in ((0.3, 3.0), (1.0, None)):
+        t2 = prepare_targets(
+            merge(tiny_cfg(tmp_path), {"density": {"alpha": alpha, "clip": clip}}), "sdw", show_progress=False
+        )
+        assert sorted(cache.glob("logp-*.npy")) == files
+        w = t2.density_weights(DensityConfig(alpha=alpha, clip=clip, k=5))
+        assert float(w.mean()) == pytest.approx(1.0, rel=1e-4)
+    prepare_targets(merge(tiny_cfg(tmp_path), {"density": {"k": 7}}), "sdw", show_progress=False)
+    assert len(list(cache.glob("logp-*.npy"))) == 2  # k changes the estimate
+
+
+@pytest.mark.slow
 def test_tiny_run_lowers_outer_loss_and_saves(tmp_path):
     cfg = tiny_cfg(tmp_path, distill={"method": "sdw", "outer_lr": 1.0})
-    m = run(cfg, show_progress=False)
+    run(cfg, show_progress=False)
     out = tmp_path / "run"
     metrics = json.loads((out / "metrics.json").read_text())
-    for k in ("normalized_return_mean", "normalized_return_std", "method", "task", "seed", "data_hash", "versions"):
+    for k in (
+        "score",
+        "final_score",
+        "method",
+        "task",
+        "seed",
+        "data_hash",
+        "versions",
+        "protocol",
+        "weight_stats",
+        "density_weight_stats",
+        "q_stats",
+        "behaviour_score",
+        "artifacts",
+    ):
         assert k in metrics
     assert metrics["method"] == "sdw" and metrics["task"] == "hopper-random"
     assert [h["step"] for h in metrics["history"]] == [3, 6]
+    assert metrics["protocol"] == {"policies": 2, "episodes": 1, "last_k": 5, "ensemble": False}
+    assert metrics["score"] == pytest.approx(np.mean([h["score"] for h in metrics["history"]]))
+    assert len(metrics["history"][0]["policy_scores"]) == 2
+    assert 0 < metrics["density_weight_stats"]["ess_fraction"] <= 1
+    # every log of the run under its own directory (CSV and W&B), none in the working directory
+    assert (out / "logs" / "csv" / "metrics.csv").is_file() and not (tmp_path / "lightning_logs").exists()
     z = np.load(out / "synthetic.npz")
     assert z["states"].shape == (16, 11) and z["actions"].shape == (16, 3) and str(z["task"]) == "hopper-random"
     # the outer loss of the learned set is lower than that of its initialization, on the same batches
-    dm = OBDDataModule(cfg.data, "sdw", batch_size=64, test_batches=2, show_progress=False)
-    dm.prepare()
+    t = prepare_targets(cfg, "sdw", show_progress=False)
+    dm = OBDDataModule(t, "sdw", cfg.distill.beta, cfg.density, 64, 2, seed=0)
     s0, a0 = dm.random_real_pairs(16, 0)
-    batch = next(iter(dm.train_dataloader()))
+    batch = dm.batches().batch(0)
     losses = []
     for s, a in ((s0, a0), (torch.from_numpy(z["states"]), torch.from_numpy(z["actions"]))):
         mod = BehaviorDistillation(cfg.distill, s, a)
         losses.append(np.mean([float(mod.outer_gradient(*batch, step=k)[0]) for k in range(4)]))
     assert losses[1] < losses[0]
-    # the standalone evaluator reads it back
-    r = subprocess.run([sys.executable, "-m", "obd.evaluate", str(out / "synthetic.npz"), "--episodes", "2", "--json"],
-                       capture_output=True, text=True)
+    # the standalone evaluator reads it back with the same protocol
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "obd.evaluate",
+            str(out / "synthetic.npz"),
+            "--policies",
+            "3",
+            "--episodes",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    assert res["task"] == "hopper-random" and len(res["episode_scores"]) == 2
+    assert res["task"] == "hopper-random" and len(res["policy_scores"]) == 3 and len(res["episode_scores"][0]) == 2
 
 
-def test_resume_continues(tmp_path):
-    run(tiny_cfg(tmp_path, outer_steps=2), show_progress=False)
-    m = run(tiny_cfg(tmp_path, outer_steps=4), resume=True, show_progress=False)
-    ck = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ck["global_step"] == 4
-    assert [h["step"] for h in m["history"]] == [2, 3, 4]  # step 2 from the first run kept, not redone
+@pytest.mark.slow
+def test_resume_gives_the_uninterrupted_result(tmp_path):
+    """Bug (issue 9): resume read global_step by loading the whole checkpoint with weights_only=False and
+    pushed it into the data module; now the batch of step t depends on (seed, t) only."""
+    straight = run(tiny_cfg(tmp_path / "a", outer_steps=4), show_progress=False)
+    run(tiny_cfg(tmp_path / "b", outer_steps=2), show_progress=False)
+    resumed = run(tiny_cfg(tmp_path / "b", outer_steps=4), resume=True, show_progress=False)
+    assert [h["step"] for h in resumed["history"]] == [2, 3, 4]  # step 2 from the first run kept, not redone
+    za, zb = np.load(tmp_path / "a" / "run" / "synthetic.npz"), np.load(tmp_path / "b" / "run" / "synthetic.npz")
+    np.testing.assert_allclose(za["states"], zb["states"], rtol=1e-5, atol=1e-6)
+    assert straight["history"][-1]["step"] == 4
+    # the CSV log continues in the same file
+    lines = (tmp_path / "b" / "run" / "logs" / "csv" / "metrics.csv").read_text().splitlines()
+    assert len(lines) > 4
 
 
-def test_random_baseline_method(tmp_path):
-    m = run(tiny_cfg(tmp_path, distill={"method": "random"}), show_progress=False)
-    assert m["method"] == "random" and m["history"] == []
+def test_random_baseline_evaluates_random_real_pairs(tmp_path):
+    """Bug (issue 9): the random-baseline test checked shapes only."""
+    from obd.evaluate import evaluate_synthetic
+    from obd.seeding import derive_seed
+
+    cfg = tiny_cfg(tmp_path, distill={"method": "random", "seed": 3})
+    m = run(cfg, show_progress=False)
+    assert m["method"] == "random" and [h["step"] for h in m["history"]] == [0]
     z = np.load(tmp_path / "run" / "synthetic.npz")
-    assert z["states"].shape == (16, 11)
+    t = prepare_targets(cfg, "dbc", show_progress=False)
+    s, a = OBDDataModule(t, "dbc", 0.02, cfg.density, 64, 2, seed=3).random_real_pairs(16, 3)
+    np.testing.assert_array_equal(z["states"], s.numpy())
+    np.testing.assert_array_equal(z["actions"], a.numpy())  # dataset actions of those states
+    again = evaluate_synthetic(s, a, t.task, t.mean.numpy(), t.std.numpy(), cfg.eval, derive_seed(3, "evaluation", 0))
+    assert m["score"] == pytest.approx(again["score"])
+
+
+def run_train(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "obd.train", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
 
 
 def test_cli_errors(tmp_path):
-    env = {**os.environ, "OBD_DATA_DIR": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "obd.train", "--task", "hopper-mediocre", "--budget", "smoke"],
-                       capture_output=True, text=True, env=env)
+    r = run_train("--task", "hopper-mediocre", "--budget", "smoke")
     assert r.returncode == 2 and "unknown task 'hopper-mediocre'" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "obd.train", "--task", "hopper-random", "--method", "xyz"],
-                       capture_output=True, text=True, env=env)
-    assert r.returncode == 2 and "unknown method 'xyz'" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "obd.train", "--task", "hopper-random", "--budget", "huge"],
-                       capture_output=True, text=True, env=env)
+    r = run_train("--task", "hopper-random", "--method", "xyz")
+    assert r.returncode == 2 and "config key 'distill.method': expected one of" in r.stderr
+    r = run_train("--task", "hopper-random", "--budget", "huge")
     assert r.returncode == 2 and "unknown budget 'huge'" in r.stderr and "smoke" in r.stderr
 
 
-def test_budgets_and_config_merge(tmp_path):
-    assert set(BUDGETS) == {"smoke", "quick", "sweep", "paper"}
-    cfg = merge(TrainConfig(), BUDGETS["paper"])
-    assert cfg.outer_steps == 50_000 and cfg.distill.inner_steps == 100 and cfg.distill.inner_lr == 0.1
-    assert cfg.distill.outer_momentum == 0.9 and cfg.distill.grad_clip == 2.0 and cfg.distill.beta == 0.02
-    with pytest.raises(ValueError, match="unknown setting 'distill.nope'"):
-        merge(TrainConfig(), {"distill": {"nope": 1}})
+def test_config_file_keeps_eval_settings(tmp_path):
+    """Bug (issue 9): eval.inner_steps from --config was overwritten by distill.inner_steps."""
+    from obd.train import config_from_args, parser
+
+    f = tmp_path / "c.yaml"
+    f.write_text("eval: {inner_steps: 7}\ndistill: {inner_steps: 20}\n")
+    cfg = config_from_args(parser().parse_args(["--task", "hopper-random", "--config", str(f)]))
+    assert cfg.eval.inner_steps == 7 and cfg.distill.inner_steps == 20 and cfg.budget == "quick"
 
 
-def test_outer_optimizer_choice():
-    S, A = torch.randn(4, 3), torch.rand(4, 2)
-    assert isinstance(BehaviorDistillation(DistillConfig(), S, A).configure_optimizers(), torch.optim.SGD)
-    adam = BehaviorDistillation(DistillConfig(outer_optimizer="adam", outer_lr=0.03), S, A).configure_optimizers()
-    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["lr"] == 0.03
-    with pytest.raises(ValueError, match="unknown outer_optimizer 'rmsprop'"):
-        BehaviorDistillation(DistillConfig(outer_optimizer="rmsprop"), S, A)
+def test_budget_is_recorded_by_the_one_builder():
+    """Bug (issue 9): the CLI's default budget (quick) disagreed with TrainConfig's (paper)."""
+    assert RunConfig().budget is None  # a bare config claims no budget
+    cfg = build_config("quick", [{"data": {"source": "hopper-medium"}}])
+    assert cfg.budget == "quick" and cfg.outer_steps == 300 and cfg.distill.outer_optimizer == "adam"

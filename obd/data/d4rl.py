@@ -6,6 +6,7 @@ Layout of a D4RL gym-MuJoCo v2 file (``h5py``): top-level ``observations`` (N, o
 ``qvel``) and a group ``metadata/`` (``algorithm``, ``iteration``, ``policy/...`` weights).
 medium-replay files store float64 arrays, the others float32.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,11 @@ def load_d4rl_hdf5(path: str | Path, task: Task) -> OfflineDataset:
         with h5py.File(path, "r") as f:
             keys = [k for k in (*REQUIRED_KEYS, "next_observations") if k in f]
             arrays = {k: f[k][()] for k in keys}
-            meta = {f"metadata/{k}": _scalar(v) for k, v in f["metadata"].items() if isinstance(v, h5py.Dataset)} \
-                if "metadata" in f else {}
+            meta = (
+                {f"metadata/{k}": _scalar(v) for k, v in f["metadata"].items() if isinstance(v, h5py.Dataset)}
+                if "metadata" in f
+                else {}
+            )
             meta.update({f"attrs/{k}": _scalar(v) for k, v in f.attrs.items()})
     except DatasetError:
         raise
@@ -57,8 +61,13 @@ def _scalar(v):
     return v if isinstance(v, (str, int, float)) else str(v)
 
 
-def write_d4rl_hdf5(path: str | Path, arrays: dict[str, np.ndarray], infos: dict[str, np.ndarray] | None = None,
-                    metadata: dict | None = None, policy: dict[str, np.ndarray] | None = None) -> Path:
+def write_d4rl_hdf5(
+    path: str | Path,
+    arrays: dict[str, np.ndarray],
+    infos: dict[str, np.ndarray] | None = None,
+    metadata: dict | None = None,
+    policy: dict[str, np.ndarray] | None = None,
+) -> Path:
     """Write arrays in D4RL's layout (atomically: a temp file renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

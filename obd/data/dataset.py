@@ -1,4 +1,5 @@
 """The one dataset type every loader returns, with its validation and summary."""
+
 from __future__ import annotations
 
 import hashlib
@@ -6,10 +7,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from obd.errors import ObdError
+
 from .tasks import Task
 
 
-class DatasetError(ValueError):
+class DatasetError(ObdError, ValueError):
     """A dataset file or id that cannot be used; the message names the source and the problem."""
 
 
@@ -109,11 +112,15 @@ def build_dataset(arrays: dict[str, np.ndarray], task: Task, source: str, meta: 
     obs = np.asarray(arrays["observations"])
     act = np.asarray(arrays["actions"])
     if obs.ndim != 2 or obs.shape[1] != task.obs_dim:
-        raise DatasetError(f"{source}: observations have shape {obs.shape}, but {task.env_id} ({task.name}) "
-                           f"has observation dimension {task.obs_dim}")
+        raise DatasetError(
+            f"{source}: observations have shape {obs.shape}, but {task.env_id} ({task.name}) "
+            f"has observation dimension {task.obs_dim}"
+        )
     if act.ndim != 2 or act.shape[1] != task.act_dim:
-        raise DatasetError(f"{source}: actions have shape {act.shape}, but {task.env_id} ({task.name}) "
-                           f"has action dimension {task.act_dim}")
+        raise DatasetError(
+            f"{source}: actions have shape {act.shape}, but {task.env_id} ({task.name}) "
+            f"has action dimension {task.act_dim}"
+        )
     n = obs.shape[0]
     if n == 0:
         raise DatasetError(f"{source}: the dataset is empty")
@@ -133,11 +140,14 @@ def build_dataset(arrays: dict[str, np.ndarray], task: Task, source: str, meta: 
             raise DatasetError(f"{source}: next_observations have shape {nxt.shape}, observations {obs.shape}")
         out["next_observations"] = nxt.astype(np.float32, copy=False)
     else:
-        out["next_observations"] = next_observations_from_episodes(out["observations"], out["terminals"], out["timeouts"])
+        out["next_observations"] = next_observations_from_episodes(
+            out["observations"], out["terminals"], out["timeouts"]
+        )
     for k in ("observations", "actions", "rewards", "next_observations"):
         bad = ~np.isfinite(out[k])
         if bad.any():
             rows = np.flatnonzero(bad.reshape(n, -1).any(1))
-            raise DatasetError(f"{source}: {k} has {int(bad.sum())} NaN/inf value(s), first at row(s) "
-                               f"{rows[:5].tolist()}")
+            raise DatasetError(
+                f"{source}: {k} has {int(bad.sum())} NaN/inf value(s), first at row(s) {rows[:5].tolist()}"
+            )
     return OfflineDataset(**out, source=source, meta=dict(meta or {}))

@@ -3,6 +3,7 @@
 Datasets are looked up in the local Minari store (``MINARI_DATASETS_PATH``, default
 ``~/.minari/datasets``) and downloaded with Minari's own ``download_dataset`` when absent.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,8 +33,10 @@ def load_minari(dataset_id: str, task: Task, download: bool = True) -> OfflineDa
     if not episodes:
         raise DatasetError(f"{source}: the dataset has no episodes")
     if not isinstance(episodes[0].observations, np.ndarray):
-        raise DatasetError(f"{source}: observations are {type(episodes[0].observations).__name__}, "
-                           "expected a flat array (a MuJoCo Box observation space)")
+        raise DatasetError(
+            f"{source}: observations are {type(episodes[0].observations).__name__}, "
+            "expected a flat array (a MuJoCo Box observation space)"
+        )
     terminals = np.concatenate([np.asarray(e.terminations, bool) for e in episodes])
     truncations = np.concatenate([np.asarray(e.truncations, bool) for e in episodes])
     ends = np.cumsum([len(e.actions) for e in episodes]) - 1

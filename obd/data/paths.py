@@ -1,4 +1,5 @@
 """Where cached datasets, behaviour-training runs and downloads live (``OBD_DATA_DIR``, default ~/.cache/obd)."""
+
 from __future__ import annotations
 
 import os

@@ -1,7 +1,10 @@
 """Task registry: D4RL MuJoCo dataset names, their gymnasium envs and D4RL reference returns."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from obd.errors import ObdError
 
 ENVS: dict[str, str] = {"halfcheetah": "HalfCheetah-v5", "hopper": "Hopper-v5", "walker2d": "Walker2d-v5"}
 KINDS: tuple[str, ...] = ("random", "medium", "medium-replay", "medium-expert", "expert")
@@ -22,10 +25,12 @@ D4RL_BEHAVIOUR_SCORE: dict[str, dict[str, float]] = {
 }
 # Minari's MuJoCo datasets (collected on the v5 envs) that correspond to a D4RL kind; Minari has no
 # random, medium-replay or medium-expert counterpart, so those have no mapping.
-MINARI_IDS: dict[str, str] = {f"{env}-{kind}": f"mujoco/{env}/{kind}-v0" for env in ENVS for kind in ("medium", "expert")}
+MINARI_IDS: dict[str, str] = {
+    f"{env}-{kind}": f"mujoco/{env}/{kind}-v0" for env in ENVS for kind in ("medium", "expert")
+}
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(ObdError, ValueError):
     """Raised for a task name outside the registry; the message lists the valid names."""
 
 

@@ -10,6 +10,7 @@ Adam is ``fused`` and the target update is a single ``_foreach_lerp_``.
 Training checkpoints (networks, optimisers, replay buffer, RNG) are written atomically every
 ``checkpoint_every`` steps and a run resumes from them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,10 +26,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from obd.data import Task
 from obd.nets import EnsembleCritic, TanhGaussianActor
 from obd.rollout import evaluate_episodes
-
-from .tasks import Task
+from obd.seeding import derive_seed
 
 
 @dataclass
@@ -44,7 +45,7 @@ class SACConfig:
     alpha_lr: float = 3e-4
     snapshot_every: int = 10_000
     eval_episodes: int = 5  # stochastic-policy episodes per snapshot (behaviour data is sampled)
-    checkpoint_every: int = 25_000
+    checkpoint_every: int = 10_000  # ~2 minutes of training on one core: an interrupt loses at most that
     seed: int = 0
 
 
@@ -72,8 +73,13 @@ class ReplayBuffer:
 
     def state_dict(self) -> dict:
         s = self.size
-        return {"obs": self.obs[:s].clone(), "act": self.act[:s].clone(), "rew": self.rew[:s].clone(),
-                "next_obs": self.next_obs[:s].clone(), "not_done": self.not_done[:s].clone()}
+        return {
+            "obs": self.obs[:s].clone(),
+            "act": self.act[:s].clone(),
+            "rew": self.rew[:s].clone(),
+            "next_obs": self.next_obs[:s].clone(),
+            "not_done": self.not_done[:s].clone(),
+        }
 
     def load_state_dict(self, d: dict) -> None:
         s = d["obs"].shape[0]
@@ -96,8 +102,8 @@ class SAC(nn.Module):
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr, fused=True)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr, fused=True)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr)
-        self._params = list(self.critic.parameters())
-        self._target_params = list(self.critic_target.parameters())
+        self._params: list[torch.Tensor] = list(self.critic.parameters())
+        self._target_params: list[torch.Tensor] = list(self.critic_target.parameters())
 
     def update(self, obs, act, rew, next_obs, not_done) -> dict[str, torch.Tensor]:
         alpha = self.log_alpha.exp().detach()
@@ -150,8 +156,9 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train_sac(task: Task, cfg: SACConfig, workdir: Path, stop_at_score: float | None = None,
-              show_progress: bool = True) -> list[dict]:
+def train_sac(
+    task: Task, cfg: SACConfig, workdir: Path, stop_at_score: float | None = None, show_progress: bool = True
+) -> list[dict]:
     """Train (or resume) SAC on ``task.env_id``; returns the snapshot list.
 
     ``workdir`` holds ``checkpoint.pt`` (full state, resumable) and ``snapshots.pt``: a list of
@@ -163,7 +170,7 @@ def train_sac(task: Task, cfg: SACConfig, workdir: Path, stop_at_score: float | 
     ckpt_path, snap_path = workdir / "checkpoint.pt", workdir / "snapshots.pt"
     torch.manual_seed(cfg.seed)
     env = gym.make(task.env_id)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    obs_dim, act_dim = task.obs_dim, task.act_dim
     agent = SAC(obs_dim, act_dim, cfg)
     buffer = ReplayBuffer(cfg.total_steps, obs_dim, act_dim)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -184,10 +191,16 @@ def train_sac(task: Task, cfg: SACConfig, workdir: Path, stop_at_score: float | 
     (workdir / "config.json").write_text(json.dumps({"task": task.name, **asdict(cfg)}, indent=1))
 
     # An episode in flight is not checkpointed: resuming starts a fresh episode (seeded by count).
-    obs, _ = env.reset(seed=cfg.seed * 100_003 + episodes)
-    sample = actor_policy(agent.actor, stochastic=True, seed=cfg.seed + step)
-    bar = tqdm(total=cfg.total_steps, initial=step, desc=f"SAC {task.env_id}", disable=not show_progress,
-               unit="step", smoothing=0.05)
+    obs, _ = env.reset(seed=derive_seed(cfg.seed, "episode", episodes))
+    sample = actor_policy(agent.actor, stochastic=True, seed=derive_seed(cfg.seed, "acting", step))
+    bar = tqdm(
+        total=cfg.total_steps,
+        initial=step,
+        desc=f"SAC {task.env_id}",
+        disable=not show_progress,
+        unit="step",
+        smoothing=0.05,
+    )
     t0, last = time.time(), {}
     while step < cfg.total_steps:
         if step < cfg.learning_starts:
@@ -199,20 +212,27 @@ def train_sac(task: Task, cfg: SACConfig, workdir: Path, stop_at_score: float | 
         obs = nxt
         if term or trunc:
             episodes += 1
-            obs, _ = env.reset(seed=cfg.seed * 100_003 + episodes)
+            obs, _ = env.reset(seed=derive_seed(cfg.seed, "episode", episodes))
         if step >= cfg.learning_starts:
             last = agent.update(*buffer.sample(cfg.batch_size, gen))
         step += 1
         bar.update(1)
         if step % cfg.snapshot_every == 0:
             actor = {k: v.clone() for k, v in agent.actor.state_dict().items()}
-            rets = evaluate_episodes(task.env_id, actor_policy(agent.actor, True, seed=step),
-                                     cfg.eval_episodes, seed=10_000 + step)
+            rets = evaluate_episodes(
+                task.env_id,
+                actor_policy(agent.actor, True, seed=derive_seed(cfg.seed, "eval-act", step)),
+                cfg.eval_episodes,
+                seed=derive_seed(cfg.seed, "eval-env", step),
+            )
             score = float(task.normalized_score(rets).mean())
             snapshots.append({"step": step, "score": score, "actor": actor})
             _atomic_save(snapshots, snap_path)
-            bar.set_postfix(score=f"{score:.1f}", alpha=f"{float(last.get('alpha', 1.0)):.3f}",
-                            ups=f"{step / max(time.time() - t0, 1e-9):.0f}")
+            bar.set_postfix(
+                score=f"{score:.1f}",
+                alpha=f"{float(last.get('alpha', 1.0)):.3f}",
+                ups=f"{step / max(time.time() - t0, 1e-9):.0f}",
+            )
             if stop_at_score is not None and score >= stop_at_score:
                 step_ckpt(ckpt_path, agent, buffer, gen, rng, step, episodes)
                 break
@@ -226,14 +246,17 @@ def train_sac(task: Task, cfg: SACConfig, workdir: Path, stop_at_score: float | 
 
 
 def step_ckpt(path: Path, agent: SAC, buffer: ReplayBuffer, gen, rng, step: int, episodes: int) -> None:
-    _atomic_save({
-        "agent": agent.state_dict(),
-        "actor_opt": agent.actor_opt.state_dict(),
-        "critic_opt": agent.critic_opt.state_dict(),
-        "alpha_opt": agent.alpha_opt.state_dict(),
-        "buffer": buffer.state_dict(),
-        "gen": gen.get_state(),
-        "rng": rng.bit_generator.state,
-        "step": step,
-        "episodes": episodes,
-    }, path)
+    _atomic_save(
+        {
+            "agent": agent.state_dict(),
+            "actor_opt": agent.actor_opt.state_dict(),
+            "critic_opt": agent.critic_opt.state_dict(),
+            "alpha_opt": agent.alpha_opt.state_dict(),
+            "buffer": buffer.state_dict(),
+            "gen": gen.get_state(),
+            "rng": rng.bit_generator.state,
+            "step": step,
+            "episodes": episodes,
+        },
+        path,
+    )

@@ -1,6 +1,6 @@
 """Built-in generation of D4RL-equivalent datasets on the gymnasium v5 MuJoCo envs.
 
-D4RL's recipe, with our own behaviour SAC (:mod:`obd.data.sac`):
+D4RL's recipe, with our own behaviour SAC (:mod:`obd.behavior.sac`):
 - ``random``: uniform random actions;
 - ``medium``: a SAC snapshot at about a third of expert return (D4RL's medium data scores about
   40 / 44 / 62 normalized on halfcheetah / hopper / walker2d), actions sampled from the policy;
@@ -8,9 +8,10 @@ D4RL's recipe, with our own behaviour SAC (:mod:`obd.data.sac`):
   each training snapshot for as many steps as it acted during training (the first
   ``learning_starts`` steps uniform random);
 - ``expert``: the fully trained policy; ``medium-expert``: medium followed by expert.
-Datasets are written in D4RL's hdf5 layout under ``OBD_DATA_DIR/datasets``, keyed by task, size
-and seed, so a second call is a cache hit.
+Datasets are written in D4RL's hdf5 layout where :func:`obd.data.generated_path` says (keyed by
+task, size and data seed), so a second call is a cache hit.
 """
+
 from __future__ import annotations
 
 import importlib.resources
@@ -21,14 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 import obd
+from obd.data import DatasetError, Task, generated_path
+from obd.data.d4rl import write_d4rl_hdf5
+from obd.data.paths import data_dir
 from obd.nets import TanhGaussianActor
-from obd.rollout import Transitions, collect_transitions
+from obd.rollout import Policy, Transitions, collect_transitions
+from obd.seeding import derive_seed
 
-from .d4rl import load_d4rl_hdf5, write_d4rl_hdf5
-from .dataset import DatasetError, OfflineDataset
-from .paths import data_dir
 from .sac import actor_policy
-from .tasks import Task
 
 DEFAULT_SIZES = {"random": 1_000_000, "medium": 1_000_000, "expert": 1_000_000, "medium-expert": 2_000_000}
 N_ENVS = 8
@@ -39,14 +40,16 @@ def policy_file(env: str) -> Path:
     local = data_dir() / "policies" / f"{env}.pt"
     if local.is_file():
         return local
-    return Path(str(importlib.resources.files("obd.data") / "policies" / f"{env}.pt"))
+    return Path(str(importlib.resources.files("obd.behavior") / "policies" / f"{env}.pt"))
 
 
 def load_policy_file(env: str) -> dict:
     path = policy_file(env)
     if not path.is_file():
-        raise DatasetError(f"no behaviour policies for {env} at {path}; train them with "
-                           f"`python -m obd.data train-behavior {env}` and `python -m obd.data export-policy {env}`")
+        raise DatasetError(
+            f"no behaviour policies for {env} at {path}; train them with "
+            f"`python -m obd.behavior train {env}` and `python -m obd.behavior export {env}`"
+        )
     return torch.load(path, weights_only=True)
 
 
@@ -54,10 +57,6 @@ def make_actor(pf: dict, state: dict) -> TanhGaussianActor:
     actor = TanhGaussianActor(pf["obs_dim"], pf["act_dim"], tuple(pf["hidden"]))
     actor.load_state_dict({k: v.float() for k, v in state.items()})
     return actor.eval()
-
-
-def dataset_path(task: Task, size: int, seed: int) -> Path:
-    return data_dir() / "datasets" / f"{task.name}-n{size}-s{seed}.hdf5"
 
 
 def default_size(task: Task) -> int:
@@ -68,67 +67,76 @@ def default_size(task: Task) -> int:
 
 
 def _random_policy(act_dim: int, seed: int):
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(derive_seed(seed, "random-actions"))
     return lambda obs: rng.uniform(-1.0, 1.0, (obs.shape[0], act_dim)).astype(np.float32)
 
 
-def _segments(task: Task, size: int, seed: int) -> list[tuple[str, object, int]]:
+def _segments(task: Task, size: int, seed: int) -> list[tuple[str, Policy, int]]:
     """(label, numpy policy, n_steps) pieces whose rollouts make up the dataset."""
     if task.kind == "random":
         return [("random", _random_policy(task.act_dim, seed), size)]
     pf = load_policy_file(task.env)
     if task.kind in ("medium", "expert"):
         if task.kind not in pf:
-            raise DatasetError(f"no {task.kind} policy for {task.env} in {policy_file(task.env)}: its training has "
-                               f"not reached it; resume it with `python -m obd.data train-behavior {task.env}`")
-        return [(task.kind, actor_policy(make_actor(pf, pf[task.kind]["actor"]), True, seed), size)]
+            raise DatasetError(
+                f"no {task.kind} policy for {task.env} in {policy_file(task.env)}: its training has "
+                f"not reached it; resume it with `python -m obd.behavior train {task.env}`"
+            )
+        return [
+            (task.kind, actor_policy(make_actor(pf, pf[task.kind]["actor"]), True, derive_seed(seed, task.kind)), size)
+        ]
     if task.kind == "medium-expert":
         half = size // 2
-        return _segments(Task(task.env, "medium"), half, seed) + _segments(Task(task.env, "expert"), size - half, seed + 1)
+        return _segments(Task(task.env, "medium"), half, seed) + _segments(Task(task.env, "expert"), size - half, seed)
     # medium-replay: each snapshot acted for the steps since the previous one.
     total = int(pf["medium"]["step"])
     starts = int(pf["learning_starts"])
     acting = [s for s in pf["replay"] if s["step"] > starts]  # before learning_starts actions were random
     bounds = np.array([0, min(starts, total), *(s["step"] for s in acting)], dtype=np.float64)
     counts = np.diff(np.round(bounds / total * size)).astype(int)
-    segs: list[tuple[str, object, int]] = [("random", _random_policy(task.act_dim, seed), int(counts[0]))]
-    for i, (snap, n) in enumerate(zip(acting, counts[1:])):
-        segs.append((f"step{snap['step']}", actor_policy(make_actor(pf, snap["actor"]), True, seed + 1 + i), int(n)))
+    segs: list[tuple[str, Policy, int]] = [("random", _random_policy(task.act_dim, seed), int(counts[0]))]
+    for snap, n in zip(acting, counts[1:]):
+        segs.append(
+            (
+                f"step{snap['step']}",
+                actor_policy(make_actor(pf, snap["actor"]), True, derive_seed(seed, "replay", snap["step"])),
+                int(n),
+            )
+        )
     return [s for s in segs if s[2] > 0]
 
 
 def collect(task: Task, size: int | None = None, seed: int = 0, show_progress: bool = True) -> Path:
-    """Generate (or find cached) ``task``'s dataset; returns the hdf5 path."""
-    size = size or default_size(task)
-    path = dataset_path(task, size, seed)
+    """Generate (or find cached) ``task``'s dataset with data seed ``seed``; returns the hdf5 path."""
+    path = generated_path(task, size, seed)
     if path.is_file():
         return path
+    size = size or default_size(task)
     torch.set_num_threads(1)
     segs = _segments(task, size, seed)
     parts: list[Transitions] = []
     with tqdm(total=size, desc=f"collect {task.name}", unit="step", disable=not show_progress) as bar:
-        for i, (label, policy, n) in enumerate(segs):
+        for label, policy, n in segs:
             bar.set_postfix(policy=label)
-            parts.append(collect_transitions(task.env_id, policy, n, seed=seed * 1000 + i, n_envs=N_ENVS,
-                                             progress=bar.update))
+            parts.append(
+                collect_transitions(
+                    task.env_id, policy, n, seed=derive_seed(seed, "rollout", label), n_envs=N_ENVS, progress=bar.update
+                )
+            )
     tr = Transitions.concat(parts)
-    arrays = {k: getattr(tr, k) for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
+    arrays = {
+        k: getattr(tr, k) for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
+    }
     if task.kind == "medium-replay":  # as D4RL's medium-replay files
         arrays = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in arrays.items()}
-    meta = {"algorithm": "SAC" if task.kind != "random" else "random", "task": task.name, "env_id": task.env_id,
-            "size": size, "seed": seed, "obd_version": obd.__version__,
-            "policies": ",".join(s[0] for s in segs)}
+    meta = {
+        "algorithm": "SAC" if task.kind != "random" else "random",
+        "task": task.name,
+        "env_id": task.env_id,
+        "size": size,
+        "seed": seed,
+        "obd_version": obd.__version__,
+        "policies": ",".join(s[0] for s in segs),
+    }
     write_d4rl_hdf5(path, arrays, infos={"qpos": tr.qpos, "qvel": tr.qvel}, metadata=meta)
     return path
-
-
-def load_generated(task: Task, size: int | None = None, seed: int = 0, generate: bool = True,
-                   show_progress: bool = True) -> OfflineDataset:
-    size = size or default_size(task)
-    path = dataset_path(task, size, seed)
-    if not path.is_file():
-        if not generate:
-            raise DatasetError(f"{task.name} (size {size}, seed {seed}) is not generated yet ({path} is absent); "
-                               f"run `python -m obd.data collect {task.name}`")
-        collect(task, size, seed, show_progress)
-    return load_d4rl_hdf5(path, task)

@@ -1,0 +1,112 @@
+"""Turn a behaviour-SAC run (its snapshots) into the small policy file that generation reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from obd.data.tasks import D4RL_BEHAVIOUR_SCORE, Task
+from obd.errors import ObdError
+from obd.rollout import collect_transitions, evaluate_episodes
+from obd.seeding import derive_seed
+
+from .generate import make_actor
+from .sac import actor_policy
+
+
+def export_policy(
+    task: Task,
+    workdir: Path,
+    out: Path,
+    episodes: int = 10,
+    seed: int = 0,
+    command: str = "",
+    select_steps: int = 50_000,
+) -> dict:
+    """Pick the medium snapshot (closest to D4RL's medium score), measure it, write ``out``.
+
+    The 5 snapshots closest to the target on their training-time estimate are re-measured as the
+    dataset they would produce (``select_steps`` transitions, D4RL's medium score is that of its
+    data) and the closest wins; the score written (and shown in the README) is a separate
+    measurement over ``episodes`` full episodes. Snapshots up to it are kept in float16 for
+    medium-replay. ``expert`` is the last snapshot when training ran to its configured length.
+    Returns the metadata written (measured scores included).
+    """
+    if not (workdir / "config.json").is_file() or not (workdir / "snapshots.pt").is_file():
+        raise ObdError(
+            f"{workdir}: not a behaviour-SAC run (config.json and snapshots.pt are needed); "
+            f"train one with `python -m obd.behavior train {task.env}`"
+        )
+    cfg = json.loads((workdir / "config.json").read_text())
+    snaps = torch.load(workdir / "snapshots.pt", weights_only=True)
+    if not snaps:
+        raise ObdError(f"{workdir}: no snapshots yet")
+    obs_dim, act_dim = task.obs_dim, task.act_dim
+    pf = {
+        "env": task.env,
+        "obs_dim": obs_dim,
+        "act_dim": act_dim,
+        "hidden": list(cfg["hidden"]),
+        "learning_starts": cfg["learning_starts"],
+    }
+    target = D4RL_BEHAVIOUR_SCORE[task.env]["medium"]
+    candidates = sorted(snaps, key=lambda s: abs(s["score"] - target))[:5]
+
+    def measure(snap: dict, n: int, eval_seed: int) -> np.ndarray:
+        rets = evaluate_episodes(
+            task.env_id, actor_policy(make_actor(pf, snap["actor"]), True, eval_seed), n, seed=eval_seed
+        )
+        return task.normalized_score(rets)
+
+    def data_score(snap: dict) -> float:
+        """Mean normalized episode return of a fixed-size rollout: the score of the dataset it would make
+        (short episodes weigh more than in an episode average, as in D4RL's files)."""
+        tr = collect_transitions(
+            task.env_id,
+            actor_policy(make_actor(pf, snap["actor"]), True, derive_seed(seed, "select-act")),
+            select_steps,
+            seed=derive_seed(seed, "select-env"),
+        )
+        ends = tr.terminals | tr.timeouts
+        starts = np.concatenate([[0], np.flatnonzero(ends)[:-1] + 1])
+        return float(task.normalized_score(np.add.reduceat(tr.rewards.astype(np.float64), starts)).mean())
+
+    med = min(candidates, key=lambda s: abs(data_score(s) - target))
+    med_scores = measure(med, episodes, derive_seed(seed, "measure"))
+    pf["medium"] = {
+        "actor": med["actor"],
+        "step": med["step"],
+        "score": float(med_scores.mean()),
+        "score_std": float(med_scores.std()),
+    }
+    pf["replay"] = [
+        {"step": s["step"], "actor": {k: v.half() for k, v in s["actor"].items()}}
+        for s in snaps
+        if s["step"] <= med["step"]
+    ]
+    if snaps[-1]["step"] >= cfg["total_steps"]:
+        exp_scores = measure(snaps[-1], episodes, derive_seed(seed, "measure"))
+        pf["expert"] = {
+            "actor": snaps[-1]["actor"],
+            "step": snaps[-1]["step"],
+            "score": float(exp_scores.mean()),
+            "score_std": float(exp_scores.std()),
+        }
+    meta = {
+        "env": task.env,
+        "seed": cfg["seed"],
+        "trained_steps": snaps[-1]["step"],
+        "command": command,
+        "medium_step": med["step"],
+        "medium_score": pf["medium"]["score"],
+        "medium_score_std": pf["medium"]["score_std"],
+        "eval_episodes": episodes,
+        "expert_score": pf["expert"]["score"] if "expert" in pf else None,
+    }
+    pf["meta"] = json.dumps(meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(pf, out)
+    return meta

@@ -1,0 +1,29 @@
+"""The one user-facing error type and the wrapper every command-line entry point runs under.
+
+Anything the user can fix (a bad task name, a corrupt file, a wrong config value) raises
+:class:`ObdError` (or a subclass) with a one-line message naming the thing and the problem;
+:func:`cli` prints it as ``error: ...`` and exits with status 2. Anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class ObdError(Exception):
+    """A problem with the user's input; the message is one line and says what to do."""
+
+
+class ConfigError(ObdError, ValueError):
+    """A configuration key, value or file that cannot be used."""
+
+
+def cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run ``main(argv)``; an :class:`ObdError` becomes ``error: MESSAGE`` on stderr and exit status 2."""
+    try:
+        return int(main(argv) or 0)
+    except ObdError as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2

@@ -1,0 +1,272 @@
+"""Stages 1 and 2 of the pipeline: the dataset, and the per-state targets distillation needs.
+
+    dataset (stage 1)  ->  normalization, teacher pi* and Q, log-density (stage 2)  ->  distillation
+
+Each stage writes a cached artifact keyed by what it depends on, under
+``OBD_DATA_DIR/cache/<data hash>/``:
+
+- ``normalization.npz``: the mean and std (sample std + 1e-3, as CORL and OBD) of the states;
+- ``teacher-<key>.pt``: the teacher (trained TD3+BC, keyed by its config; or a given file, keyed by
+  its bytes), with its measured score in its info;
+- ``teacher-outputs-<key>.pt``: pi*(s) and Q(s, pi*(s)) for every state;
+- ``logp-<key>.npy``: the log state density, keyed by the estimator settings only (alpha and clip
+  are applied when a run loads it, see :meth:`Targets.targets_and_weights`).
+
+Later stages (the data module, evaluation, the report) read these; none recomputes them.
+Generation of a missing generated dataset is an explicit step (:func:`prepare_dataset`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from obd.config import DataConfig, DensityConfig, RunConfig, TeacherConfig
+from obd.data import OfflineDataset, Task, generated_path, load_source, parse_source, resolve_task
+from obd.data.paths import data_dir
+from obd.seeding import derive_seed
+
+log = logging.getLogger(__name__)
+
+# CORL's published TD3+BC scores on D4RL v2 medium (normalized return; the teacher's yardstick).
+CORL_TD3BC_SCORE: dict[str, float] = {"halfcheetah-medium": 48.1, "hopper-medium": 60.4, "walker2d-medium": 82.7}
+
+
+def hash_json(d: object) -> str:
+    return hashlib.blake2b(json.dumps(d, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
+def prepare_dataset(
+    cfg: DataConfig, generate: bool = True, show_progress: bool = True, force_task: bool = False
+) -> tuple[Task, OfflineDataset]:
+    """Stage 1: the dataset of ``cfg``. A generated dataset that is absent is generated first (with a
+    progress bar) when ``generate``; otherwise reading it is an error naming the command to run."""
+    task = resolve_task(cfg.source, cfg.task, force=force_task)
+    src = parse_source(cfg.source)
+    if src.kind == "generated" and generate:
+        from obd.data import get_task
+
+        gen_task = get_task(src.value)
+        if not generated_path(gen_task, cfg.size, cfg.data_seed).is_file():
+            from obd.behavior.generate import collect
+
+            log.info(
+                "generating %s (data seed %d): not in %s yet", gen_task.name, cfg.data_seed, data_dir() / "datasets"
+            )
+            collect(gen_task, cfg.size, cfg.data_seed, show_progress=show_progress)
+    return task, load_source(cfg.source, task, size=cfg.size, seed=cfg.data_seed)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".npy":
+        with open(tmp, "wb") as f:
+            np.save(f, obj)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Targets:
+    """Everything distillation reads about the real data, N states (torch, CPU, float32)."""
+
+    task: Task
+    data_hash: str
+    obs: torch.Tensor  # (N, obs_dim) normalized states
+    actions: torch.Tensor  # (N, act_dim) dataset actions
+    mean: torch.Tensor  # (obs_dim,) normalization
+    std: torch.Tensor  # (obs_dim,) sample std + 1e-3
+    behaviour_score: float  # the dataset's mean normalized episode return
+    teacher_actions: torch.Tensor | None = None  # (N, act_dim) pi*(s)
+    q: torch.Tensor | None = None  # (N,) Q(s, pi*(s))
+    log_density: torch.Tensor | None = None  # (N,) log p(s) up to a constant
+    teacher_info: dict | None = None
+    artifacts: dict | None = None  # stage-2 files: name -> path
+
+    def targets_and_weights(
+        self, method: str, beta: float, density: DensityConfig
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-state outer-loss target (N, act_dim) and weight (N,) of ``method``:
+
+        dbc   dataset action, 1
+        pbc   pi*(s),          1
+        avpbc pi*(s),          beta * Q(s, pi*(s))   (negative values clamped at 0)
+        sdw   pi*(s),          beta * Q(s, pi*(s)) * p(s)^-alpha / mean (capped at clip x mean)
+        """
+        n = len(self.obs)
+        if method == "dbc":
+            return self.actions, torch.ones(n)
+        if self.teacher_actions is None or self.q is None:
+            raise RuntimeError(f"method {method} needs the teacher's outputs; prepare targets for it")
+        if method == "pbc":
+            return self.teacher_actions, torch.ones(n)
+        q_w = beta * self.q
+        if (q_w < 0).any():
+            log.warning("%.1f%% of beta*Q weights are negative; clamped at 0", 100 * float((q_w < 0).float().mean()))
+            q_w = q_w.clamp_min(0)
+        if method == "avpbc":
+            return self.teacher_actions, q_w
+        return self.teacher_actions, q_w * self.density_weights(density)
+
+    def density_weights(self, density: DensityConfig) -> torch.Tensor:
+        from obd.density import weights_from_log_density
+
+        if density.alpha == 0:
+            return torch.ones(len(self.obs))
+        if self.log_density is None:
+            raise RuntimeError("SDW needs the log-density; prepare targets for method sdw")
+        return torch.from_numpy(weights_from_log_density(self.log_density.numpy(), density.alpha, density.clip))
+
+    def describe(self, method: str, beta: float, density: DensityConfig) -> dict:
+        """What a run logs about its data and targets: sizes, teacher, Q and weight statistics."""
+        from obd.density import weight_stats
+
+        out: dict = {
+            "task": self.task.name,
+            "transitions": len(self.obs),
+            "data_hash": self.data_hash,
+            "behaviour_score": self.behaviour_score,
+            "teacher": self.teacher_info,
+            "artifacts": self.artifacts,
+        }
+        if self.q is not None:
+            q = self.q.double()
+            out["q_stats"] = {
+                "mean": float(q.mean()),
+                "std": float(q.std()),
+                "min": float(q.min()),
+                "max": float(q.max()),
+            }
+        if method != "random":
+            _, w = self.targets_and_weights(method, beta, density)
+            out["weight_stats"] = weight_stats(w)
+            if method == "sdw":
+                out["density_weight_stats"] = weight_stats(self.density_weights(density))
+        return out
+
+
+def _cache_dir(data_hash: str) -> Path:
+    d = data_dir() / "cache" / data_hash
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def prepare_targets(
+    cfg: RunConfig, method: str, show_progress: bool = True, generate: bool = True, force_task: bool = False
+) -> Targets:
+    """Stages 1 and 2 for ``method`` (dbc and random need no teacher; only sdw needs the density)."""
+    task, ds = prepare_dataset(cfg.data, generate=generate, show_progress=show_progress, force_task=force_task)
+    data_hash = ds.content_hash()
+    cache = _cache_dir(data_hash)
+    obs = torch.from_numpy(ds.observations)
+    norm_path = cache / "normalization.npz"
+    if norm_path.is_file():
+        with np.load(norm_path) as z:
+            mean, std = torch.from_numpy(z["mean"]), torch.from_numpy(z["std"])
+    else:
+        mean, std = obs.mean(0), obs.std(0) + 1e-3
+        tmp = cache / "normalization.tmp.npz"
+        np.savez(tmp, mean=mean.numpy(), std=std.numpy())
+        os.replace(tmp, norm_path)
+    scores = task.normalized_score(ds.episode_returns())
+    t = Targets(
+        task=task,
+        data_hash=data_hash,
+        obs=(obs - mean) / std,
+        actions=torch.from_numpy(ds.actions),
+        mean=mean,
+        std=std,
+        behaviour_score=float(scores.mean()),
+        artifacts={"dataset": ds.source, "normalization": str(norm_path)},
+    )
+    if method in ("pbc", "avpbc", "sdw"):
+        _teacher_stage(t, ds, cfg.teacher, cache, show_progress)
+    if method == "sdw":
+        _density_stage(t, cfg.density, cache)
+    return t
+
+
+def _teacher_stage(t: Targets, ds: OfflineDataset, cfg: TeacherConfig, cache: Path, show_progress: bool) -> None:
+    from obd.teacher import load_teacher, load_teacher_file, train_td3bc
+
+    assert t.artifacts is not None
+    if cfg.path:
+        path = Path(cfg.path)
+        teacher = load_teacher(path, t.task.obs_dim, t.task.act_dim)
+        key = "file-" + hashlib.blake2b(path.read_bytes(), digest_size=8).hexdigest()
+        if "normalized_return" not in teacher.info and cfg.eval_episodes:
+            teacher.info["normalized_return"] = _measure_teacher(teacher, t, cfg.eval_episodes)
+        t.artifacts["teacher"] = str(path)
+    else:
+        key = "td3bc-" + hash_json(dataclasses.asdict(cfg.td3bc))
+        path = cache / f"teacher-{key}.pt"
+        if path.is_file():
+            teacher = load_teacher_file(path)
+        else:
+            teacher = train_td3bc(
+                t.obs,
+                t.actions,
+                torch.from_numpy(ds.rewards),
+                (torch.from_numpy(ds.next_observations) - t.mean) / t.std,
+                torch.from_numpy(ds.terminals),
+                cfg.td3bc,
+                show_progress,
+            )
+            teacher.info["normalized_return"] = _measure_teacher(teacher, t, cfg.eval_episodes)
+            teacher.save(path)
+        t.artifacts["teacher"] = str(path)
+    t.teacher_info = {**teacher.info, "key": key, "corl_td3bc_score": CORL_TD3BC_SCORE.get(t.task.name)}
+    log.info(
+        "teacher %s: normalized return %s (CORL's TD3+BC on D4RL: %s)",
+        key,
+        (t.teacher_info.get("normalized_return") or {}).get("mean"),
+        t.teacher_info["corl_td3bc_score"],
+    )
+    out_path = cache / f"teacher-outputs-{key}.pt"
+    if out_path.is_file():
+        d = torch.load(out_path, weights_only=True)
+        t.teacher_actions, t.q = d["actions"], d["q"]
+    else:
+        t.teacher_actions, t.q = teacher.actions_and_values(t.obs)
+        _save_atomic({"actions": t.teacher_actions, "q": t.q}, out_path)
+    t.artifacts["teacher_outputs"] = str(out_path)
+
+
+def _measure_teacher(teacher, t: Targets, episodes: int) -> dict | None:
+    from obd.rollout import evaluate_episodes
+    from obd.teacher import teacher_numpy_policy
+
+    if not episodes:
+        return None
+    rets = evaluate_episodes(
+        t.task.env_id,
+        teacher_numpy_policy(teacher, t.mean.numpy(), t.std.numpy()),
+        episodes,
+        seed=derive_seed(0, "teacher-eval"),
+    )
+    scores = t.task.normalized_score(rets)
+    return {"mean": float(scores.mean()), "std": float(scores.std()), "episodes": len(scores)}
+
+
+def _density_stage(t: Targets, cfg: DensityConfig, cache: Path) -> None:
+    from obd.density import log_density
+
+    assert t.artifacts is not None
+    path = cache / f"logp-{hash_json(cfg.estimate_key())}.npy"
+    if path.is_file():
+        logp = np.load(path)
+    else:
+        logp = log_density(t.obs.numpy(), cfg)
+        _save_atomic(logp, path)
+    t.log_density = torch.from_numpy(logp)
+    t.artifacts["log_density"] = str(path)

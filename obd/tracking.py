@@ -1,0 +1,96 @@
+"""Run tracking: W&B (offline unless logged in), CSV logs under the run's directory, provenance.
+
+W&B's mode is decided here only (:func:`wandb_mode`); its console output is silenced unless
+``OBD_VERBOSE_WANDB=1`` (W&B's own ``WANDB_SILENT`` / ``WANDB_QUIET`` are respected when set).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+
+def wandb_mode() -> str:
+    """``WANDB_MODE`` when set; else online when credentials exist (env or ~/.netrc), offline otherwise."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    netrc = Path.home() / ".netrc"
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (
+        netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    )
+    return "online" if logged_in else "offline"
+
+
+def _quiet_wandb() -> None:
+    if os.environ.get("OBD_VERBOSE_WANDB") != "1":
+        os.environ.setdefault("WANDB_SILENT", "true")
+        os.environ.setdefault("WANDB_QUIET", "true")
+        os.environ.setdefault("WANDB_CONSOLE", "off")
+
+
+def wandb_logger(
+    project: str, group: str | None, name: str, save_dir: Path, config: dict, tags: list[str], run_id: str | None = None
+):
+    """A Lightning WandbLogger; ``run_id`` resumes that run (``--resume`` continues the same W&B run)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    _quiet_wandb()
+    return WandbLogger(
+        project=project,
+        group=group,
+        name=name,
+        save_dir=str(save_dir),
+        mode=wandb_mode(),
+        tags=tags,
+        config=config,
+        id=run_id,
+        resume="allow" if run_id else None,
+    )
+
+
+def wandb_init(**kwargs):
+    import wandb
+
+    _quiet_wandb()
+    return wandb.init(mode=wandb_mode(), **kwargs)  # type: ignore[arg-type]
+
+
+def finish(loggers: list) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):  # obd logs hyperparameters first, so the run has started
+            lg.experiment.finish()
+
+
+def versions() -> dict:
+    import faiss
+    import gymnasium
+    import lightning
+    import mujoco
+    import torch
+
+    import obd
+
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+            ).stdout.strip()
+            or None
+        )
+    except OSError:
+        commit = None
+    return {
+        "obd": obd.__version__,
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gymnasium": gymnasium.__version__,
+        "mujoco": mujoco.__version__,
+        "faiss": faiss.__version__,
+        "lightning": lightning.__version__,
+    }

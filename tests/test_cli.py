@@ -1,0 +1,113 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from obd.cli import main as obd_main
+from obd.tracking import wandb_mode
+
+
+def test_wandb_mode_is_decided_in_one_place(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert wandb_mode() == "offline"
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password x\n")
+    assert wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"
+
+
+def test_one_console_command_dispatches_and_errors_are_one_line(capsys):
+    assert obd_main(["data", "info", "hopper-expert"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not generated yet" in err and len(err.strip().splitlines()) == 1
+    assert obd_main([]) == 2 and "obd train" in capsys.readouterr().out
+
+
+def test_sweep_help_names_the_default_study():
+    r = subprocess.run([sys.executable, "-m", "obd.sweep", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "default.yaml" in "".join(r.stdout.split())
+
+
+def test_report_reads_the_runs_artifacts_and_never_recomputes(tmp_path, monkeypatch):
+    """Bug (issue 9): the report reloaded the data, recomputed normalization (population std) and the
+    density with default settings. It must use the normalization and log-density the runs used."""
+    import json
+
+    import obd.density
+    from obd.behavior.generate import collect
+    from obd.data import get_task
+    from obd.report import plot_projection
+
+    task = get_task("hopper-random")
+    path = collect(task, 300, seed=0, show_progress=False)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    np.savez(cache / "normalization.npz", mean=np.zeros(11, np.float32), std=np.ones(11, np.float32))
+    np.save(cache / "logp.npy", np.linspace(-3, 0, 300))
+    run = tmp_path / "sweep" / "final" / "sdw" / "seed-1"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(
+        json.dumps(
+            {
+                "task": task.name,
+                "seed": 1,
+                "artifacts": {
+                    "dataset": str(path),
+                    "normalization": str(cache / "normalization.npz"),
+                    "log_density": str(cache / "logp.npy"),
+                },
+            }
+        )
+    )
+    np.savez(run / "synthetic.npz", states=np.zeros((4, 11), np.float32), actions=np.zeros((4, 3), np.float32))
+
+    def refuse(*a, **k):
+        raise AssertionError("the report recomputed the density")
+
+    monkeypatch.setattr(obd.density, "log_density", refuse)
+    assert plot_projection(tmp_path / "sweep", ["sdw"], tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_non_editable_install_finds_the_default_study(tmp_path):
+    """Issue 9: a non-editable install, run from another directory, finds the packaged study."""
+    root = Path(__file__).resolve().parent.parent
+    site = tmp_path / "site"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}  # the installed copy comes first on the path
+    code = (
+        "import obd, obd.config as c; print(obd.__file__); print(c.sweeps_dir()); "
+        "print(sorted(p.name for p in (c.sweeps_dir() / 'budgets').glob('*')))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=elsewhere, env=env)
+    assert r.returncode == 0, r.stderr
+    file, sweeps, budgets = r.stdout.splitlines()
+    assert file.startswith(str(site)) and "_sweeps" in sweeps and "paper.yaml" in budgets
+    r = subprocess.run(
+        [sys.executable, "-m", "obd.sweep", "--help"], capture_output=True, text=True, cwd=elsewhere, env=env
+    )
+    assert r.returncode == 0 and "_sweeps/default.yaml" in "".join(r.stdout.split())  # help wraps lines
