@@ -55,5 +55,10 @@ sweep-worker: venv
 report: venv
 	$(PY) -m obd.report --task $(TASK) $(if $(OUT),--out $(OUT))
 
+# optuna-dashboard on the study's storage (a standard Optuna RDB; the `optuna` CLI reads it too)
+dashboard: venv
+	$(PY) -m pip install -q 'optuna-dashboard>=0.16'
+	$(VENV)/bin/optuna-dashboard $(or $(STORAGE),sqlite:///$(or $(OUT),runs/sweep-$(TASK))/study.db) --host 127.0.0.1 --port $(or $(PORT),8080)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

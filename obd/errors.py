@@ -21,9 +21,17 @@ class ConfigError(ObdError, ValueError):
 
 
 def cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run ``main(argv)``; an :class:`ObdError` becomes ``error: MESSAGE`` on stderr and exit status 2."""
+    """Run ``main(argv)``; an :class:`ObdError` becomes ``error: MESSAGE`` on stderr and exit status 2,
+    Ctrl-C a one-line note and status 130."""
     try:
         return int(main(argv) or 0)
     except ObdError as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "error: interrupted; finished stages are cached (files are written atomically), run the command "
+            "again to continue",
+            file=sys.stderr,
+        )
+        return 130

@@ -153,14 +153,60 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m obd.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("path", help="synthetic.npz written by python -m obd.train")
-    p.add_argument("--task", default=None, help="default: the task stored in the file")
-    p.add_argument("--policies", type=int, default=d.policies, help=f"fresh policies (default {d.policies})")
-    p.add_argument("--episodes", type=int, default=d.episodes, help=f"episodes per policy (default {d.episodes})")
+    p.add_argument(
+        "path",
+        help="synthetic.npz of python -m obd.train, or a set exported by python -m obd.export "
+        "(a D4RL-layout .hdf5 or minari:ID)",
+    )
+    p.add_argument("--task", default=None, help="default: the task stored with the set")
+    p.add_argument("--policies", type=int, default=None, help=f"fresh policies (default: the run's, {d.policies})")
+    p.add_argument("--episodes", type=int, default=None, help=f"episodes per policy (default: the run's, {d.episodes})")
     p.add_argument("--ensemble", action="store_true", help="one agent with the policies' mean action (Table 3)")
-    p.add_argument("--seed", type=int, default=0, help="evaluation seed (default 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="evaluation seed (default: the one of the run's final evaluation, so the score repeats)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
+
+
+def _load_any(path: str) -> tuple:
+    """(normalized states, actions, mean, std, task name, eval config dict, seed root, final step)."""
+    import torch
+
+    if path.endswith(".npz"):
+        d = load_synthetic(path)
+        run_cfg = json.loads(str(d["config"])) if "config" in d else {}
+        metrics_path = Path(path).parent / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        step = metrics["history"][-1]["step"] if metrics.get("history") else 0
+        return (
+            torch.from_numpy(d["states"]),
+            torch.from_numpy(d["actions"]),
+            d["mean"],
+            d["std"],
+            str(d["task"]),
+            run_cfg.get("eval", {}),
+            run_cfg.get("distill", {}).get("seed", 0),
+            step,
+        )
+    from obd.export import read_export
+
+    raw, actions, meta = read_export(path)
+    mean, std = np.asarray(meta["mean"]), np.asarray(meta["std"])
+    states = ((raw - mean) / std).astype(np.float32)
+    return (
+        torch.from_numpy(states),
+        torch.from_numpy(actions),
+        mean.astype(np.float32),
+        std.astype(np.float32),
+        meta["provenance"]["task"],
+        meta["eval"],
+        meta["eval_seed_root"],
+        meta["eval_step"],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,23 +215,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from obd.config import merge
     from obd.data import get_task
+    from obd.seeding import derive_seed
 
     torch.set_num_threads(1)
-    d = load_synthetic(a.path)
-    task = get_task(a.task or str(d["task"]))
-    run_cfg = json.loads(str(d["config"])) if "config" in d else {}
-    cfg = merge(
-        EvalConfig(),
-        {**run_cfg.get("eval", {}), "policies": a.policies, "episodes": a.episodes, "ensemble": a.ensemble},
-    )
-    if d["states"].shape[1] != task.obs_dim or d["actions"].shape[1] != task.act_dim:
+    states, actions, mean, std, task_name, eval_cfg, root, step = _load_any(a.path)
+    task = get_task(a.task or task_name)
+    over = {k: v for k, v in {"policies": a.policies, "episodes": a.episodes}.items() if v is not None}
+    cfg = merge(EvalConfig(), {**eval_cfg, **over, **({"ensemble": True} if a.ensemble else {})})
+    if states.shape[1] != task.obs_dim or actions.shape[1] != task.act_dim:
         raise ObdError(
-            f"{a.path}: synthetic set has dims {d['states'].shape[1]}/{d['actions'].shape[1]}, "
+            f"{a.path}: synthetic set has dims {states.shape[1]}/{actions.shape[1]}, "
             f"{task.name} needs {task.obs_dim}/{task.act_dim}"
         )
-    res = evaluate_synthetic(
-        torch.from_numpy(d["states"]), torch.from_numpy(d["actions"]), task, d["mean"], d["std"], cfg, seed=a.seed
-    )
+    seed = derive_seed(root, "evaluation", step) if a.seed is None else a.seed
+    res = evaluate_synthetic(states, actions, task, mean, std, cfg, seed=seed)
     res = {"task": task.name, "path": str(a.path), "policies": cfg.policies, "episodes": cfg.episodes, **res}
     if a.json:
         print(json.dumps(res))

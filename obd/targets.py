@@ -213,6 +213,7 @@ def _teacher_stage(t: Targets, ds: OfflineDataset, cfg: TeacherConfig, cache: Pa
         if path.is_file():
             teacher = load_teacher_file(path)
         else:
+            partial = cache / f"teacher-{key}.partial.pt"  # resumable training state (interrupts lose minutes)
             teacher = train_td3bc(
                 t.obs,
                 t.actions,
@@ -221,9 +222,11 @@ def _teacher_stage(t: Targets, ds: OfflineDataset, cfg: TeacherConfig, cache: Pa
                 torch.from_numpy(ds.terminals),
                 cfg.td3bc,
                 show_progress,
+                checkpoint=partial,
             )
             teacher.info["normalized_return"] = _measure_teacher(teacher, t, cfg.eval_episodes)
             teacher.save(path)
+            partial.unlink(missing_ok=True)
         t.artifacts["teacher"] = str(path)
     t.teacher_info = {**teacher.info, "key": key, "corl_td3bc_score": CORL_TD3BC_SCORE.get(t.task.name)}
     log.info(

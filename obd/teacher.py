@@ -20,6 +20,7 @@ import time
 import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,15 +85,16 @@ class Teacher:
         return torch.cat(acts), torch.cat(qs)
 
     def save(self, path: Path) -> None:
-        torch.save(
-            {
-                "actor": self.actor.state_dict(),
-                "critic": self.critic.state_dict(),
-                "info": json.dumps(self.info),
-                "kind": self.info["kind"],
-            },
-            path,
-        )
+        """A teacher file any ``--teacher`` accepts (tensors and strings only: loads with weights_only)."""
+        tmp = path.with_name(path.name + ".tmp")
+        state = {
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "info": json.dumps(self.info),
+            "kind": self.info["kind"],
+        }
+        torch.save(state, tmp)
+        tmp.replace(path)
 
 
 def train_td3bc(
@@ -103,8 +105,13 @@ def train_td3bc(
     terminals: torch.Tensor,
     cfg: TD3BCConfig,
     show_progress: bool = True,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 5_000,
 ) -> Teacher:
-    """TD3+BC on normalized states. obs/next_obs (N, obs_dim), act (N, act_dim), rew/terminals (N,)."""
+    """TD3+BC on normalized states. obs/next_obs (N, obs_dim), act (N, act_dim), rew/terminals (N,).
+
+    With ``checkpoint``, the full training state is written there every ``checkpoint_every`` steps
+    (atomically) and training resumes from it; the caller deletes it once the teacher is saved."""
     torch.manual_seed(derive_seed(cfg.seed, "td3bc-init"))
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "td3bc-batches"))
     obs_dim, act_dim = obs.shape[1], act.shape[1]
@@ -119,8 +126,39 @@ def train_td3bc(
     params_ct: list[torch.Tensor] = list(critic_t.parameters())
     params_a: list[torch.Tensor] = list(actor.parameters())
     params_at: list[torch.Tensor] = list(actor_t.parameters())
-    t0 = time.time()
-    for it in tqdm(range(cfg.steps), desc="teacher TD3+BC", disable=not show_progress, unit="step", smoothing=0.05):
+    modules: dict[str, Any] = {
+        "actor": actor,
+        "actor_t": actor_t,
+        "critic": critic,
+        "critic_t": critic_t,
+        "a_opt": a_opt,
+        "c_opt": c_opt,
+    }
+    start, seconds_before = 0, 0.0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        for k, m in modules.items():
+            m.load_state_dict(state[k])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        start, seconds_before = int(state["it"]), float(state["seconds"])
+    t0 = time.time() - seconds_before
+    bar = tqdm(
+        range(start, cfg.steps),
+        desc="teacher TD3+BC",
+        disable=not show_progress,
+        unit="step",
+        smoothing=0.05,
+        initial=start,
+        total=cfg.steps,
+    )
+    for it in bar:
+        if checkpoint is not None and it > start and it % checkpoint_every == 0:
+            state = {k: m.state_dict() for k, m in modules.items()}
+            state.update(gen=gen.get_state(), torch_rng=torch.get_rng_state(), it=it, seconds=time.time() - t0)
+            tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+            torch.save(state, tmp)
+            tmp.replace(checkpoint)
         idx = torch.randint(0, obs.shape[0], (cfg.batch_size,), generator=gen)
         o, a, r, o2, nd = obs[idx], act[idx], rew[idx], next_obs[idx], not_done[idx]
         with torch.no_grad():

@@ -44,7 +44,36 @@ def default_out(cfg: RunConfig) -> Path:
     return Path(f"runs/{name}-{cfg.distill.method}-s{cfg.distill.seed}")
 
 
-def _evaluation_callback(task, mean, std, cfg: RunConfig, listeners: Sequence):
+class _Interrupt:
+    """Ctrl-C during distillation: finish the current outer step, checkpoint, and stop (a second Ctrl-C
+    aborts at once). Lightning's own handling exits with status 1 and no word on how to resume."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._old: Any = None
+
+    def __enter__(self) -> _Interrupt:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        self.hit = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _evaluation_callback(task, mean, std, cfg: RunConfig, listeners: Sequence, interrupt: _Interrupt):
     import lightning.pytorch as pl
 
     from obd.evaluate import evaluate_synthetic
@@ -56,8 +85,14 @@ def _evaluation_callback(task, mean, std, cfg: RunConfig, listeners: Sequence):
 
         def __init__(self) -> None:
             self.history: list[dict] = []
+            self.seconds_before, self.t0 = 0.0, time.time()  # wall time of earlier invocations, this one's start
+
+        def wall_seconds(self) -> float:
+            return round(self.seconds_before + time.time() - self.t0, 1)
 
         def _run(self, trainer: pl.Trainer, module: Any) -> None:
+            if interrupt.hit:
+                return
             step = trainer.global_step
             if self.history and self.history[-1]["step"] == step:
                 return
@@ -78,17 +113,22 @@ def _evaluation_callback(task, mean, std, cfg: RunConfig, listeners: Sequence):
                 listen(step, res["score"])
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if interrupt.hit:
+                trainer.should_stop = True
+                return
             if cfg.eval_every and trainer.global_step % cfg.eval_every == 0:
                 self._run(trainer, module)
 
-        def on_train_end(self, trainer, module):
+        def final(self, trainer: pl.Trainer, module: Any) -> None:
+            """The evaluation at the last outer step (also when a resumed run had no step left to do)."""
             self._run(trainer, module)
 
         def state_dict(self) -> dict:
-            return {"history": self.history}
+            return {"history": self.history, "wall_seconds": self.wall_seconds()}
 
         def load_state_dict(self, state: dict) -> None:
             self.history = list(state.get("history", []))
+            self.seconds_before = float(state.get("wall_seconds", 0.0))
 
     return EvaluationCallback()
 
@@ -144,9 +184,12 @@ def run(
         states, actions = init_s, init_a
         res = evaluate_synthetic(states, actions, task, mean, std, cfg.eval, seed=derive_seed(seed, "evaluation", 0))
         history = [{"step": 0, **res}]
+        wall = round(time.time() - t0, 1)
     else:
         module = BehaviorDistillation(cfg.distill, init_s, init_a, grad_fn=cfg.grad_fn)
-        evaluator = _evaluation_callback(task, mean, std, cfg, listeners)
+        interrupt = _Interrupt()
+        evaluator = _evaluation_callback(task, mean, std, cfg, listeners, interrupt)
+        evaluator.t0 = t0  # wall time counts this invocation's data and teacher loading too
         ckpt_dir = out / "checkpoints"
         ckpt_cb = ModelCheckpoint(
             dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every
@@ -187,13 +230,16 @@ def run(
             deterministic=False,
         )
         try:
-            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+            with interrupt:
+                trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+            evaluator.final(trainer, module)
         finally:
             if own_loggers:
                 finish(loggers)
-        if trainer.interrupted:
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # the final state (with the final evaluation)
+        if interrupt.hit:
             raise KeyboardInterrupt
-        trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # the final state, with the final evaluation
+        wall = evaluator.wall_seconds()
         states, actions = module.synthetic()
         history = evaluator.history
     save_synthetic(out / "synthetic.npz", states, actions, mean, std, task.name, to_dict(cfg))
@@ -211,7 +257,7 @@ def run(
             "ensemble": cfg.eval.ensemble,
         },
         "history": history,
-        "wall_seconds": round(time.time() - t0, 1),
+        "wall_seconds": wall,
         **described,
         "versions": versions(),
         "config": to_dict(cfg),
@@ -323,9 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         m = run(cfg, resume=args.resume, force_task=args.force_task)
     except KeyboardInterrupt:
-        again = " ".join([sys.executable, "-m", "obd.train", *(argv if argv is not None else sys.argv[1:])])
-        again += "" if args.resume else " --resume"
-        raise ObdError(f"interrupted; the state is kept in {out / 'checkpoints'}; continue with: {again}") from None
+        given = argv if argv is not None else sys.argv[1:]
+        again = " ".join(["python -m obd.train", *given, *([] if args.resume else ["--resume"])])
+        if (out / "checkpoints" / "last.ckpt").is_file():
+            raise ObdError(f"interrupted; the state is kept in {out / 'checkpoints'}; continue with: {again}") from None
+        raise ObdError(
+            "interrupted before distillation started; cached stages are kept, run the same command again"
+        ) from None
     if args.json:
         print(json.dumps({k: m[k] for k in ("task", "method", "seed", "score", "final_score", "last_k_used")}))
     else:

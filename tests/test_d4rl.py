@@ -103,3 +103,22 @@ def test_d4rl_url_and_cached_fetch(tmp_path, hopper_transitions, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(DatasetError, match="place the file at .*walker2d_expert-v2.hdf5"):
         fetch_d4rl(get_task("walker2d-expert"))
+
+
+def test_task_read_from_d4rl_file_name_and_contradictions_refused(tmp_path, hopper_transitions):
+    """Issue 13: a D4RL file name names its task; a --task whose env contradicts the file is refused."""
+    from obd.data import resolve_task
+
+    tr = hopper_transitions
+    named = write_real_layout(tmp_path / "hopper_medium_replay-v2.hdf5", tr)
+    assert resolve_task(str(named)).name == "hopper-medium-replay"
+    # obd's own files carry metadata/task: a halfcheetah file with --task walker2d (same dims) is an error
+    arrays = {k: getattr(tr, k) for k in FIELDS}
+    arrays["observations"] = arrays["next_observations"] = np.zeros((len(tr.rewards), 17), np.float32)
+    arrays["actions"] = np.zeros((len(tr.rewards), 6), np.float32)
+    hc = write_d4rl_hdf5(tmp_path / "mine.hdf5", arrays, metadata={"task": "halfcheetah-medium"})
+    assert resolve_task(str(hc)).name == "halfcheetah-medium"
+    with pytest.raises(DatasetError, match="holds halfcheetah-medium data but the task given is walker2d-medium"):
+        resolve_task(str(hc), "walker2d-medium")
+    assert resolve_task(str(hc), "walker2d-medium", force=True).name == "walker2d-medium"
+    assert resolve_task(str(hc), "halfcheetah-medium-expert").name == "halfcheetah-medium-expert"  # same env

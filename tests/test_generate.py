@@ -29,6 +29,7 @@ def hopper_policies(tmp_path):
     return out, meta
 
 
+@pytest.mark.slow
 def test_sac_resumes_from_checkpoint(tmp_path):
     task = get_task("hopper-medium")
     w = tmp_path / "run"
@@ -45,6 +46,7 @@ def test_sac_resumes_from_checkpoint(tmp_path):
     assert not torch.equal(s2[0]["actor"]["net.0.weight"], s2[-1]["actor"]["net.0.weight"])
 
 
+@pytest.mark.slow
 def test_export_and_collect_each_kind(hopper_policies):
     out, meta = hopper_policies
     pf = torch.load(out, weights_only=True)
@@ -89,6 +91,7 @@ def test_export_and_collect_each_kind(hopper_policies):
     )
 
 
+@pytest.mark.slow
 def test_missing_expert_is_a_clear_error(tmp_path):
     w = tmp_path / "sac"
     train_sac(get_task("hopper-medium"), SACConfig(total_steps=300, **TINY), w, show_progress=False)

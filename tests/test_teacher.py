@@ -98,3 +98,31 @@ def test_td3bc_learns_to_imitate_and_round_trips(tmp_path):
     t3 = train_td3bc(obs, act, -((act - 0.5) ** 2).sum(1), next_obs, torch.zeros(2000), cfg, show_progress=False)
     with torch.no_grad():
         assert ((t3.actor(obs) - 0.5) ** 2).mean() < 0.5 * ((act - 0.5) ** 2).mean()
+
+
+def test_td3bc_resumes_from_its_checkpoint_exactly(tmp_path):
+    """Issue 13: teacher training checkpoints, and a resumed run equals an uninterrupted one."""
+    g = torch.Generator().manual_seed(1)
+    obs, act = torch.randn(500, 4, generator=g), torch.rand(500, 2, generator=g) * 2 - 1
+    rew, nxt = torch.randn(500, generator=g), torch.randn(500, 4, generator=g)
+    cfg = TD3BCConfig(steps=60, hidden=(16, 16), batch_size=32)
+    straight = train_td3bc(obs, act, rew, nxt, torch.zeros(500), cfg, show_progress=False)
+    ck = tmp_path / "partial.pt"
+    # a first run that stops after its checkpoint at step 30 (as if interrupted there)
+    train_td3bc(
+        obs,
+        act,
+        rew,
+        nxt,
+        torch.zeros(500),
+        TD3BCConfig(steps=31, hidden=(16, 16), batch_size=32),
+        show_progress=False,
+        checkpoint=ck,
+        checkpoint_every=30,
+    )
+    assert torch.load(ck, weights_only=True)["it"] == 30
+    resumed = train_td3bc(
+        obs, act, rew, nxt, torch.zeros(500), cfg, show_progress=False, checkpoint=ck, checkpoint_every=30
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(resumed.actor(obs), straight.actor(obs))

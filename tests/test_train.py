@@ -200,3 +200,72 @@ def test_budget_is_recorded_by_the_one_builder():
     assert RunConfig().budget is None  # a bare config claims no budget
     cfg = build_config("quick", [{"data": {"source": "hopper-medium"}}])
     assert cfg.budget == "quick" and cfg.outer_steps == 300 and cfg.distill.outer_optimizer == "adam"
+
+
+def test_unwritable_out_fails_before_any_work(tmp_path):
+    """Issue 13: --out below a regular file (or on /proc) failed only after data and teacher were prepared."""
+    (tmp_path / "file").write_text("")
+    for out in (str(tmp_path / "file" / "run"), "/proc/obd-run"):
+        r = run_train(
+            "--task", "hopper-random", "--budget", "smoke", "--out", out, env={"OBD_DATA_DIR": str(tmp_path / "data")}
+        )
+        assert r.returncode == 2 and "cannot write there" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_state_and_names_the_resume_command(tmp_path):
+    """Issue 13: Ctrl-C during distillation exited 1 with no message; now it checkpoints and says how to go on."""
+    import signal
+    import time
+
+    env = {**os.environ, "OBD_DATA_DIR": str(tmp_path / "data"), "WANDB_MODE": "offline"}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        json.dumps({k: v for k, v in TINY.items() if k != "wandb"} | {"outer_steps": 100000, "eval_every": 0})
+    )
+    args = [sys.executable, "-m", "obd.train", "--budget", "smoke", "--config", str(cfg), "--out", str(tmp_path / "r")]
+    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (tmp_path / "r" / "checkpoints" / "last.ckpt").exists():
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted; the state is kept in") and last.endswith("--resume")
+    ck = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ck["global_step"] >= 2
+    run_id = (tmp_path / "r" / "wandb-run-id").read_text()
+    # resuming continues the same W&B run (and stops at once here: --outer-steps at the checkpoint's step)
+    r = subprocess.run(
+        [*args, "--resume", "--outer-steps", str(ck["global_step"])],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "r" / "wandb-run-id").read_text() == run_id
+    assert len(list((tmp_path / "r" / "wandb").glob("offline-run-*"))) >= 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_collect_is_one_line(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "OBD_DATA_DIR": str(tmp_path / "data")}
+    p = subprocess.Popen(
+        [sys.executable, "-m", "obd.data", "collect", "hopper-random", "--size", "2000000"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(6)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted")
+    assert not list((tmp_path / "data" / "datasets").glob("*.hdf5"))  # nothing half-written
