@@ -10,7 +10,7 @@ SIZE ?=
 # PyPI's default (CUDA) build; TORCH=keep: whatever torch the environment already has.
 TORCH ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: venv test test-fast check bench train sweep sweep-worker report dashboard gpu-check data clean
+.PHONY: venv test test-fast check bench train sweep sweep-worker report dashboard gpu-check data table misalignment clean
 
 venv: $(STAMP)
 
@@ -54,6 +54,15 @@ sweep-worker: venv
 
 report: venv
 	$(PY) -m obd.report --task $(TASK) $(if $(OUT),--out $(OUT))
+
+# SDW vs Av-PBC (and random pairs) on many datasets: results/BUDGET/table.{csv,md,png}; resumable
+table: venv
+	$(PY) -m obd.table $(if $(TASKS),--tasks $(TASKS)) $(if $(BUDGET),--budget $(BUDGET)) $(if $(SEEDS),--seeds $(SEEDS)) \
+		$(if $(METHODS),--methods $(METHODS)) $(if $(OUT),--out $(OUT))
+
+# does the ranking of datasets flip between high and low behaviour-cloning loss? results/misalignment-ENV/
+misalignment: venv
+	$(PY) -m obd.misalignment $(if $(ENV),--env $(ENV)) $(if $(KINDS),--kinds $(KINDS))
 
 # optuna-dashboard on the study's storage (a standard Optuna RDB; the `optuna` CLI reads it too)
 dashboard: venv

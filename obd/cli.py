@@ -21,6 +21,8 @@ COMMANDS = {
     "sweep": "obd.sweep",
     "evaluate": "obd.evaluate",
     "report": "obd.report",
+    "table": "obd.table",
+    "misalignment": "obd.misalignment",
     "data": "obd.data.__main__",
     "behavior": "obd.behavior.__main__",
     "bench": "obd.bench",

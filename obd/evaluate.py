@@ -100,8 +100,11 @@ def evaluate_synthetic(states, actions, task, mean: np.ndarray, std: np.ndarray,
     rets = one_episode_per_env(task.env_id, act, e if cfg.ensemble else n * e, seed=derive_seed(seed, "eval-envs"))
     scores = task.normalized_score(rets).reshape(1 if cfg.ensemble else n, e)
     per_policy = scores.mean(1)
+    with torch.no_grad():
+        train_mse = ((stacked_forward(params, S.expand(len(params[0]), -1, -1)) - A) ** 2).mean((1, 2))
     return {
         "score": float(scores.mean()),
+        "train_mse": float(train_mse.mean()),  # the learner's final loss on the set, mean over policies
         "std_over_policies": float(per_policy.std()),
         "policy_scores": [round(float(x), 3) for x in per_policy],
         "episode_scores": [[round(float(x), 3) for x in row] for row in scores],

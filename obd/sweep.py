@@ -207,13 +207,30 @@ def connect(url: str, attempts: int = 5) -> RDBStorage:
     raise AssertionError("unreachable")
 
 
+def _run_config_dict(cfg: dict) -> dict:
+    """A run in a worker process (top level, so that it pickles)."""
+    from obd.train import run
+
+    return run(merge(RunConfig(), cfg), show_progress=False)
+
+
+def _trial_worker(task: str, spec: dict, out: str, storage: str, method: str, jobs: int) -> None:
+    """An extra trial process on the same storage (the study's trial target is shared)."""
+    Sweep(task, spec, Path(out), storage, show_progress=False, jobs=jobs).optimize(method, wait_for_stale=False)
+
+
 class Sweep:
-    def __init__(self, task: str, spec: dict, out: Path, storage: str | None, show_progress: bool = True):
+    def __init__(
+        self, task: str, spec: dict, out: Path, storage: str | None, show_progress: bool = True, jobs: int = 1
+    ):
         self.task, self.spec, self.out = task, spec, out
         self.show_progress = show_progress
+        self.jobs = max(1, jobs)
+        # runs in parallel share the cores: one torch thread each when several run at once
+        self.threads = max(1, (os.cpu_count() or 1) // self.jobs)
         out.mkdir(parents=True, exist_ok=True)
-        url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-        self.storage = connect(url)
+        self.url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+        self.storage = connect(self.url)
 
     def study_name(self, method: str) -> str:
         return f"{self.task}-{method}-{self.spec['budget']}"
@@ -268,11 +285,26 @@ class Sweep:
             show_progress=self.show_progress,
         )
 
-    def optimize(self, method: str) -> optuna.Study:
-        """Run trials until the study holds ``trials`` finished (complete or pruned) ones."""
+    def optimize(self, method: str, wait_for_stale: bool = True) -> optuna.Study:
+        """Run trials until the study holds ``trials`` finished (complete or pruned) ones; with ``jobs`` > 1,
+        that many processes run trials at once on the same storage."""
         study = self.study(method)
         target = int(self.spec["trials"])
-        self._wait_for_stale(study)
+        if wait_for_stale:
+            self._wait_for_stale(study)
+        helpers = []
+        if self.jobs > 1 and wait_for_stale:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")
+            helpers = [
+                ctx.Process(
+                    target=_trial_worker, args=(self.task, self.spec, str(self.out), self.url, method, self.jobs)
+                )
+                for _ in range(self.jobs - 1)
+            ]
+            for h in helpers:
+                h.start()
         done_states = (TrialState.COMPLETE, TrialState.PRUNED)
 
         def n_done() -> int:
@@ -294,8 +326,15 @@ class Sweep:
                 bar.set_postfix(last=tr.state.name.lower())
             bar.refresh()
 
+        def n_claimed() -> int:  # finished, or running in some process: parallel workers do not overshoot
+            return n_done() + len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
         attempts = 0
         while n_done() < target and attempts < 3 * target:
+            if n_claimed() >= target:  # the rest are running elsewhere: wait for them (or their heartbeat to stop)
+                time.sleep(2)
+                optuna.storages.fail_stale_trials(study)
+                continue
             study.optimize(
                 lambda t: self.objective(t, method),
                 n_trials=1,
@@ -303,6 +342,8 @@ class Sweep:
                 callbacks=[MaxTrialsCallback(target, states=done_states), progress],
             )
             attempts += 1
+        for h in helpers:
+            h.join()
         bar.close()
         return study
 
@@ -330,6 +371,7 @@ class Sweep:
         params = suggest(trial, self.space(method))
         out = self.out / "trials" / method / f"trial-{trial.number:03d}"
         cfg = run_config(self.spec, self.task, method, params, seed=0, out=out, group=self.study_name(method))
+        cfg.threads = self.threads
         trial.set_user_attr("out", str(out))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         m = run(cfg, show_progress=False, listeners=[TrialPruning(trial)])
@@ -344,12 +386,12 @@ class Sweep:
     def finals(self, method: str) -> dict[int, dict]:
         """Run ``method`` (its best configuration; a baseline as is) over seeds 1..S; a finished seed is
         kept only if its stored configuration is the one the study resolves to now."""
-        from obd.train import run
-
         results: dict[int, dict] = {}
+        todo: dict[int, dict] = {}
         for seed in range(1, int(self.spec["seeds"]) + 1):
             out = self.out / "final" / method / f"seed-{seed}"
             cfg = self.final_config(method, seed, out)
+            cfg.threads = self.threads
             path = out / "metrics.json"
             if path.is_file():
                 m = json.loads(path.read_text())
@@ -359,11 +401,27 @@ class Sweep:
                         f"{path} was run with another configuration ({diff}); use another --out, "
                         f"or delete {out.parent} to rerun"
                     )
+                results[seed] = m
             else:
-                m = run(cfg, show_progress=False)
-            results[seed] = m
-            log.info("%s final seed %d: %.1f", method, seed, m["score"])
-        return results
+                todo[seed] = to_dict(cfg)
+        bar = tqdm(total=len(todo), desc=f"{method} finals", unit="run", disable=not self.show_progress or not todo)
+        if self.jobs > 1 and len(todo) > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(self.jobs, mp_context=mp.get_context("spawn")) as pool:
+                futures = {pool.submit(_run_config_dict, c): seed for seed, c in todo.items()}
+                for f in as_completed(futures):
+                    results[futures[f]] = f.result()
+                    bar.update(1)
+        else:
+            for seed, c in todo.items():
+                results[seed] = _run_config_dict(c)
+                bar.update(1)
+        bar.close()
+        for seed in sorted(results):
+            log.info("%s final seed %d: %.1f", method, seed, results[seed]["score"])
+        return {seed: results[seed] for seed in sorted(results)}
 
     def summarize(self, finals: dict[str, dict[int, dict]]) -> dict:
         from obd.stats import paired_comparison
@@ -459,6 +517,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="default runs/sweep-TASK")
     p.add_argument("--worker", action="store_true", help="only run trials (for extra machines)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs at once on this machine, one torch thread each (default: the number of cores, at most 2)",
+    )
     p.add_argument("--no-wandb", action="store_true", help="no W&B runs")
     return p
 
@@ -483,7 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.no_wandb:
         spec["fixed"] = deep_update(spec.get("fixed") or {}, {"wandb": False})
     out = Path(a.out or f"runs/sweep-{task}")
-    sweep = Sweep(task, spec, out, a.storage)
+    jobs = a.jobs or min(2, os.cpu_count() or 1)
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    sweep = Sweep(task, spec, out, a.storage, jobs=jobs)
     sweep.prepare()
     for method in spec["methods"]:
         sweep.optimize(method)

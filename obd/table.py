@@ -1,0 +1,308 @@
+"""``make table`` / ``python -m obd.table``: SDW vs Av-PBC (and the random-pairs baseline) on many datasets.
+
+For every task, method and seed one ``obd.train`` run at the given budget (the budget's settings, no
+search), kept under ``OUT/runs/TASK/METHOD-sSEED/`` (its small ``metrics.json`` and
+``synthetic.npz`` are kept, so the table can be rebuilt; a finished run whose stored configuration
+matches is never recomputed, one that differs stops the command with the difference named). Then:
+
+- ``OUT/table.csv`` and ``OUT/table.md``: per dataset, mean +/- std over seeds of each method, the
+  paired SDW - Av-PBC difference with its t interval and Wilcoxon p-value, the teacher's score and
+  the published Av-PBC (and, where published, SDW) numbers beside ours;
+- ``OUT/table.png``: our Av-PBC and SDW per dataset with the published Av-PBC.
+
+Every number in the published columns is from the papers (D4RL v2 data, 50k / 20k outer steps,
+Cal-QL teachers); ours come from generated data at the stated budget, so they are comparable in
+protocol but not in data, teacher or outer steps (see the README's differences section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from obd.errors import ConfigError, ObdError, cli
+
+log = logging.getLogger("obd.table")
+
+# Lei et al. 2024 (Av-PBC, 256 pairs, mean of 5 seeds x last 5 evaluations) and Lei et al. 2025 (SDW).
+PUBLISHED_AVPBC = {
+    "halfcheetah-medium-replay": 35.9,
+    "halfcheetah-medium": 36.9,
+    "halfcheetah-medium-expert": 22.0,
+    "hopper-medium-replay": 40.9,
+    "hopper-medium": 32.5,
+    "hopper-medium-expert": 38.7,
+    "walker2d-medium-replay": 55.0,
+    "walker2d-medium": 39.5,
+    "walker2d-medium-expert": 42.1,
+}
+PUBLISHED_SDW = {"halfcheetah-medium": 39.5, "hopper-medium": 38.4, "hopper-medium-expert": 42.6}
+NINE = tuple(PUBLISHED_AVPBC)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0-4`` or ``0,1,2``."""
+    try:
+        if "-" in text:
+            lo, hi = text.split("-")
+            return list(range(int(lo), int(hi) + 1))
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected a range like 0-4 or a list like 0,1,2, got {text!r}") from None
+
+
+def run_all(
+    tasks: list[str], methods: list[str], seeds: list[int], budget: str, out: Path, jobs: int, layers: list[dict]
+) -> dict[tuple[str, str, int], dict]:
+    """Every (task, method, seed) run; finished ones are read back, the rest run ``jobs`` at a time."""
+    from tqdm.auto import tqdm
+
+    from obd.config import build_config, to_dict
+    from obd.sweep import _run_config_dict, comparable, config_difference
+    from obd.targets import prepare_targets
+
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    results: dict[tuple[str, str, int], dict] = {}
+    todo: dict[tuple[str, str, int], dict] = {}
+    for task in tasks:
+        for method in methods:
+            for seed in seeds:
+                run_dir = out / "runs" / task / f"{method}-s{seed}"
+                cfg = build_config(
+                    budget,
+                    [
+                        *layers,
+                        {
+                            "data": {"source": task},
+                            "distill": {"method": method, "seed": seed},
+                            "out": str(run_dir),
+                            "wandb": False,
+                            "threads": threads,
+                        },
+                    ],
+                )
+                path = run_dir / "metrics.json"
+                if path.is_file():
+                    m = json.loads(path.read_text())
+                    diff = config_difference(comparable(m["config"]), comparable(to_dict(cfg)))
+                    if diff:
+                        raise ObdError(f"{path} was run with another configuration ({diff}); use another --out")
+                    results[(task, method, seed)] = m
+                else:
+                    todo[(task, method, seed)] = to_dict(cfg)
+    # the shared stages (dataset, teacher, density) first, one task at a time, with progress bars
+    for task in sorted({k[0] for k in todo}):
+        needs = {k[1] for k in todo if k[0] == task}
+        method = next((m for m in ("sdw", "avpbc", "pbc", "dbc") if m in needs), "dbc")
+        prepare_targets(build_config(budget, [*layers, {"data": {"source": task}}]), method)
+    bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not todo)
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_config_dict, c): k for k, c in todo.items()}
+            for f in as_completed(futures):
+                results[futures[f]] = f.result()
+                bar.update(1)
+    else:
+        for k, c in todo.items():
+            results[k] = _run_config_dict(c)
+            bar.update(1)
+    bar.close()
+    return results
+
+
+def build_table(
+    results: dict[tuple[str, str, int], dict], tasks: list[str], methods: list[str], budget: str, out: Path
+) -> list[dict]:
+    """Write table.csv, table.md and table.png from the runs' metrics; returns the rows."""
+    import numpy as np
+
+    from obd.stats import paired_comparison
+
+    rows = []
+    for task in tasks:
+        per = {m: {s: r["score"] for (t, mm, s), r in results.items() if t == task and mm == m} for m in methods}
+        any_run = next((r for (t, _, _), r in results.items() if t == task), None)
+        if any_run is None:
+            continue
+        teacher = next((r.get("teacher") for (t, _, _), r in results.items() if t == task and r.get("teacher")), None)
+        row: dict = {
+            "task": task,
+            "budget": budget,
+            "transitions": any_run["transitions"],
+            "behaviour_score": round(any_run["behaviour_score"], 1),
+            "teacher_score": round(((teacher or {}).get("normalized_return") or {}).get("mean", float("nan")), 1),
+            "published_avpbc": PUBLISHED_AVPBC.get(task),
+            "published_sdw": PUBLISHED_SDW.get(task),
+        }
+        for m in methods:
+            v = np.array(list(per[m].values()))
+            row[f"{m}_mean"] = round(float(v.mean()), 2) if len(v) else None
+            row[f"{m}_std"] = round(float(v.std(ddof=1)), 2) if len(v) > 1 else None
+            row[f"{m}_n"] = len(v)
+            row[f"{m}_wall_s"] = (
+                round(
+                    float(np.mean([r["wall_seconds"] for (t, mm, _), r in results.items() if t == task and mm == m])), 0
+                )
+                if len(v)
+                else None
+            )
+        if "sdw" in methods and "avpbc" in methods:
+            c = paired_comparison(per["sdw"], per["avpbc"])
+            row.update(
+                sdw_minus_avpbc=round(c["mean_difference"], 2) if c["n_pairs"] else None,
+                ci_low=round(c["paired_t_ci"][0], 2) if "paired_t_ci" in c else None,
+                ci_high=round(c["paired_t_ci"][1], 2) if "paired_t_ci" in c else None,
+                wilcoxon_p=round(c["wilcoxon_p"], 3) if "wilcoxon_p" in c else None,
+                n_pairs=c["n_pairs"],
+                verdict=c["verdict"],
+            )
+        rows.append(row)
+    out.mkdir(parents=True, exist_ok=True)
+    if rows:
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(out / "table.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+    (out / "table.md").write_text(markdown(rows, methods))
+    plot(rows, out / "table.png")
+    return rows
+
+
+def _fmt(mean: float | None, std: float | None) -> str:
+    return "-" if mean is None else f"{mean:.1f} +/- {std:.1f}" if std is not None else f"{mean:.1f}"
+
+
+def markdown(rows: list[dict], methods: list[str]) -> str:
+    head = [
+        "dataset",
+        "data score",
+        "teacher",
+        *methods,
+        "SDW - Av-PBC (paired, 95% t CI)",
+        "Wilcoxon p",
+        "published Av-PBC",
+        "published SDW",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        diff = "-"
+        if r.get("sdw_minus_avpbc") is not None:
+            ci = f" [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]" if r.get("ci_low") is not None else ""
+            diff = f"{r['sdw_minus_avpbc']:+.1f}{ci}"
+        cells = [
+            r["task"],
+            f"{r['behaviour_score']:.1f}",
+            f"{r['teacher_score']:.1f}",
+            *(_fmt(r[f"{m}_mean"], r[f"{m}_std"]) + f" (n={r[f'{m}_n']})" for m in methods),
+            diff,
+            f"{r['wilcoxon_p']:.3f}" if r.get("wilcoxon_p") is not None else "-",
+            f"{r['published_avpbc']}" if r["published_avpbc"] is not None else "-",
+            f"{r['published_sdw']}" if r["published_sdw"] is not None else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not rows:
+        return
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(rows), 4))
+    for off, (m, color) in zip((-0.2, 0.2), (("avpbc", "tab:blue"), ("sdw", "tab:red"))):
+        if f"{m}_mean" in rows[0]:
+            ax.bar(
+                x + off,
+                [r[f"{m}_mean"] for r in rows],
+                0.38,
+                yerr=[r[f"{m}_std"] or 0 for r in rows],
+                capsize=4,
+                color=color,
+                alpha=0.75,
+                label=f"{m} (ours)",
+            )
+    pub = [r["published_avpbc"] for r in rows]
+    ax.scatter(
+        x - 0.2,
+        [p if p is not None else np.nan for p in pub],
+        marker="_",
+        s=400,
+        color="k",
+        label="Av-PBC (published, D4RL)",
+        zorder=3,
+    )
+    if "random_mean" in rows[0]:
+        ax.scatter(x, [r["random_mean"] for r in rows], marker="x", color="gray", label="random pairs (ours)", zorder=3)
+    ax.set_xticks(x, [r["task"] for r in rows], rotation=20, ha="right")
+    ax.set_ylabel("normalized return")
+    ax.set_title(f"256 distilled pairs, budget {rows[0]['budget']}: mean +/- std over seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m obd.table", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--tasks", default=",".join(NINE), help="comma-separated (default: the paper's nine datasets)")
+    p.add_argument("--methods", default="random,avpbc,sdw", help="default random,avpbc,sdw")
+    p.add_argument("--seeds", default="0-4", help="a range 0-4 or a list 0,1,2 (default 0-4)")
+    p.add_argument("--budget", default="quick", help="a budget of sweeps/budgets/ (default quick)")
+    p.add_argument("--config", default=None, help="YAML of RunConfig fields applied to every run")
+    p.add_argument("--out", default=None, help="default results/BUDGET")
+    p.add_argument("--jobs", type=int, default=None, help="runs at once (default: cores, at most 2)")
+    p.add_argument("--rebuild", action="store_true", help="only rebuild the table from the runs already there")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    from obd.config import METHODS, budget_names, read_yaml
+    from obd.data import get_task
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    for noisy in ("lightning", "lightning.pytorch", "lightning_fabric", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    tasks = [get_task(t).name for t in a.tasks.split(",")]
+    methods = a.methods.split(",")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ConfigError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    if a.budget not in budget_names():
+        raise ConfigError(f"unknown budget {a.budget!r}; choose one of {', '.join(budget_names())}")
+    layers = [read_yaml(Path(a.config)) or {}] if a.config else []
+    out = Path(a.out or f"results/{a.budget}")
+    seeds = parse_seeds(a.seeds)
+    if a.rebuild:
+        results = {}
+        for path in out.glob("runs/*/*/metrics.json"):
+            m = json.loads(path.read_text())
+            if m["task"] in tasks and m["method"] in methods and m["seed"] in seeds:
+                results[(m["task"], m["method"], m["seed"])] = m
+    else:
+        jobs = a.jobs or min(2, os.cpu_count() or 1)
+        results = run_all(tasks, methods, seeds, a.budget, out, jobs, layers)
+    rows = build_table(results, tasks, methods, a.budget, out)
+    print((out / "table.md").read_text(), end="")
+    print(f"{len(rows)} dataset(s); table: {out / 'table.csv'}, {out / 'table.md'}, {out / 'table.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(main))
