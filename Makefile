@@ -64,6 +64,10 @@ table: venv
 misalignment: venv
 	$(PY) -m obd.misalignment $(if $(ENV),--env $(ENV)) $(if $(KINDS),--kinds $(KINDS))
 
+# the GPU checks (CUDA-marked tests, batched figures on cuda) as one JSON line; skips cleanly without a GPU
+gpu-check: venv
+	$(PY) -m obd.gpu_check
+
 # optuna-dashboard on the study's storage (a standard Optuna RDB; the `optuna` CLI reads it too)
 dashboard: venv
 	$(PY) -m pip install -q 'optuna-dashboard>=0.16'

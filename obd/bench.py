@@ -150,6 +150,32 @@ def bench_sac(n: int) -> tuple[float, float]:
     return res[0], res[1]
 
 
+def bench_batched(device: torch.device, ks: tuple[int, ...] = (1, 8, 32), repeat: int = 2) -> dict[str, float]:
+    """Seconds per run per outer iteration (published sizes) when K runs advance in one batched iteration."""
+    from obd.batched import outer_grad_batched, stack_params
+
+    out: dict[str, float] = {}
+    for k in ks:
+        g = torch.Generator().manual_seed(0)
+        S = torch.randn(k, 256, 17, generator=g).to(device)
+        A = (torch.rand(k, 256, 6, generator=g) * 2 - 1).to(device)
+        p0 = [q.to(device) for q in stack_params([init_policy(17, 6, (256, 256, 256), g) for _ in range(k)])]
+        obs, tgt = torch.randn(k, 2560, 17, generator=g).to(device), torch.rand(k, 2560, 6, generator=g).to(device)
+        w = torch.rand(k, 2560, generator=g).to(device)
+        steps, lr = torch.full((k,), 100), torch.full((k,), 0.1)
+
+        args = (S, A, p0, obs, tgt, w, steps, lr)
+
+        def step(args: tuple = args) -> None:
+            outer_grad_batched(*args)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        out[str(k)] = _time(step, max(1, repeat if k < 32 else 1)) / k
+        print(f"  batched K = {k:>2} on {device.type}: {out[str(k)]:.3f} s per run per outer iteration", flush=True)
+    return out
+
+
 def bench_help() -> float:
     """Wall time of ``python -m obd.train --help`` in a fresh interpreter (median of 3)."""
     import subprocess
@@ -189,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--density-n", type=int, default=1_000_000)
     p.add_argument("--sac-updates", type=int, default=300)
     p.add_argument("--out", default="bench.json")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="auto: every available device (cpu, and cuda when present)",
+    )
+    p.add_argument("--batched-k", default="1,8,32", help="run counts for the batched figures (default 1,8,32)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     machine = (
@@ -215,6 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"density weights, {a.density_n:,} states x 17: {dens:.1f} s", flush=True)
     rollout = bench_rollout()
     print(f"evaluation rollout, HalfCheetah-v5, policy in the loop: {rollout:,.0f} env steps/s", flush=True)
+    devices = (
+        ["cpu", "cuda"]
+        if a.device == "auto" and torch.cuda.is_available()
+        else (["cpu"] if a.device == "auto" else [a.device])
+    )
+    from obd.devices import resolve_device
+
+    ks = tuple(int(k) for k in a.batched_k.split(","))
+    per_run = {d: bench_batched(resolve_device(d), ks, a.repeat) for d in devices}
     ev_b, ev_s = bench_eval_training(a.repeat)
     print(
         f"evaluation learner, 10 policies x 100 SGD steps: batched {ev_b:.2f} s, one at a time {ev_s:.2f} s", flush=True
@@ -236,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "rollout_steps_per_s": rollout,
         "sac_updates_per_s": sac,
         "sac_reference_updates_per_s": sac_ref,
+        "outer_iter_per_run_s": per_run,
         "eval_train_10_batched_s": ev_b,
         "eval_train_10_sequential_s": ev_s,
         "train_help_s": help_s,

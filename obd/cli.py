@@ -20,6 +20,7 @@ COMMANDS = {
     "train": "obd.train",
     "sweep": "obd.sweep",
     "evaluate": "obd.evaluate",
+    "export": "obd.export",
     "report": "obd.report",
     "table": "obd.table",
     "misalignment": "obd.misalignment",

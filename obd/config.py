@@ -34,6 +34,7 @@ GradFn = Literal["fast", "unrolled"]
 # init_module_weights); corl: the same with gain 1e-2 on the head (a newer CORL habit).
 PolicyInit = Literal["official", "corl"]
 DensityEstimator = Literal["knn-kde"]
+Device = Literal["auto", "cpu", "cuda"]  # auto: cuda when available
 
 
 def _rng(lo: float | None = None, hi: float | None = None, *, gt: float | None = None) -> dict:
@@ -150,6 +151,7 @@ class RunConfig:
     eval_every: int = field(default=1_000, metadata=_rng(0))  # 0: only at the end
     checkpoint_every: int = field(default=200, metadata=_rng(1))
     grad_fn: GradFn = "fast"  # fast (hand-derived BPTT) | unrolled (plain autograd, the oracle)
+    device: Device = "auto"
     threads: int = field(default=2, metadata=_rng(1))
     out: str | None = None  # default runs/{task}-{method}-s{seed}
     wandb: bool = True

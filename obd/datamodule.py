@@ -29,7 +29,7 @@ class StepBatches(IterableDataset):
 
     def batch(self, step: int) -> tuple[torch.Tensor, ...]:
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "outer-batch", step))
-        idx = torch.randint(0, self.tensors[0].shape[0], (self.n,), generator=gen)
+        idx = torch.randint(0, self.tensors[0].shape[0], (self.n,), generator=gen).to(self.tensors[0].device)
         return tuple(t[idx] for t in self.tensors)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -49,10 +49,14 @@ class OBDDataModule(pl.LightningDataModule):
         batch_size: int = 256,
         test_batches: int = 10,
         seed: int = 0,
+        device: torch.device | None = None,
     ):
         super().__init__()
         self.targets, self.method = targets, method
-        self.target, self.weight = targets.targets_and_weights(method, beta, density)
+        self.device = device or torch.device("cpu")
+        target, weight = targets.targets_and_weights(method, beta, density)
+        # the real data moves to the device once; each outer step sends only its batch's indices
+        self.obs, self.target, self.weight = (x.to(self.device) for x in (targets.obs, target, weight))
         self.batch_size, self.test_batches, self.seed = batch_size, test_batches, seed
 
     def _start(self) -> int:
@@ -61,7 +65,7 @@ class OBDDataModule(pl.LightningDataModule):
 
     def batches(self) -> StepBatches:
         return StepBatches(
-            (self.targets.obs, self.target, self.weight),
+            (self.obs, self.target, self.weight),
             self.batch_size * self.test_batches,
             self.seed,
             start=self._start,

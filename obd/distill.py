@@ -193,18 +193,18 @@ class _Tape:
     def __init__(self, params0: Params, n: int, kept: int):
         self.key = _Tape.key_of(params0, n, kept)
         internal = _to_internal(params0)
-        dt = params0[0].dtype
-        self.P = [torch.empty(kept + 3, *q.shape, dtype=dt) for q in internal]
+        dt, dev = params0[0].dtype, params0[0].device
+        self.P = [torch.empty(kept + 3, *q.shape, dtype=dt, device=dev) for q in internal]
         widths = [internal[2 * i].shape[1] for i in range(len(internal) // 2 - 1)]
         act = internal[-2].shape[0]
-        self.h = [torch.empty(kept + 1, n, w, dtype=dt) for w in widths]
-        self.d = [torch.empty(kept + 1, n, w, dtype=dt) for w in widths]
-        self.yT, self.eT, self.dT = (torch.empty(kept + 1, act, n, dtype=dt) for _ in range(3))
+        self.h = [torch.empty(kept + 1, n, w, dtype=dt, device=dev) for w in widths]
+        self.d = [torch.empty(kept + 1, n, w, dtype=dt, device=dev) for w in widths]
+        self.yT, self.eT, self.dT = (torch.empty(kept + 1, act, n, dtype=dt, device=dev) for _ in range(3))
         self.kept = kept
 
     @staticmethod
     def key_of(params0: Params, n: int, kept: int) -> tuple:
-        return tuple(q.shape for q in params0), params0[0].dtype, n, kept
+        return tuple(q.shape for q in params0), params0[0].dtype, params0[0].device, n, kept
 
     @classmethod
     def get(cls, params0: Params, n: int, kept: int) -> _Tape:
@@ -327,7 +327,11 @@ class BehaviorDistillation(pl.LightningModule):
     def fresh_policy(self, step: int) -> Params:
         """The inner loop's initialization at outer step ``step``: seeded, so a resumed run repeats it."""
         gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "inner-init", step))
-        return init_policy(self.obs_dim, self.act_dim, self.cfg.hidden, gen, self.cfg.init)
+        # drawn on the CPU (the same init on every device), moved once per outer step
+        return [
+            q.to(self.syn_states.device)
+            for q in init_policy(self.obs_dim, self.act_dim, self.cfg.hidden, gen, self.cfg.init)
+        ]
 
     def outer_gradient(self, obs: Tensor, target: Tensor, weight: Tensor, step: int):
         args = (

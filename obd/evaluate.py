@@ -75,7 +75,9 @@ def train_stacked(params, states, actions, cfg: EvalConfig):
     return [q.detach() for q in p]
 
 
-def evaluate_synthetic(states, actions, task, mean: np.ndarray, std: np.ndarray, cfg: EvalConfig, seed: int) -> dict:
+def evaluate_synthetic(
+    states, actions, task, mean: np.ndarray, std: np.ndarray, cfg: EvalConfig, seed: int, device=None
+) -> dict:
     """One evaluation: N policies trained on (states, actions), E episodes each.
 
     Returns the score (mean normalized return over all N x E episodes), its std over policies, the
@@ -85,8 +87,13 @@ def evaluate_synthetic(states, actions, task, mean: np.ndarray, std: np.ndarray,
     from obd.rollout import one_episode_per_env
     from obd.seeding import derive_seed
 
-    S, A = states.detach().float(), actions.detach().float()
-    params = train_stacked(init_stacked(cfg.policies, S.shape[1], A.shape[1], cfg, seed), S, A, cfg)
+    dev = device or states.device
+    S, A = states.detach().float().to(dev), actions.detach().float().to(dev)
+    p0 = [q.to(dev) for q in init_stacked(cfg.policies, S.shape[1], A.shape[1], cfg, seed)]  # inits drawn on the CPU
+    params = train_stacked(p0, S, A, cfg)
+    with torch.no_grad():
+        train_mse = ((stacked_forward(params, S.expand(len(params[0]), -1, -1)) - A) ** 2).mean((1, 2))
+    params = [q.cpu() for q in params]  # rollouts step CPU simulators: the policies act on the CPU
     m, s = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
     n, e = cfg.policies, cfg.episodes
 
@@ -100,8 +107,6 @@ def evaluate_synthetic(states, actions, task, mean: np.ndarray, std: np.ndarray,
     rets = one_episode_per_env(task.env_id, act, e if cfg.ensemble else n * e, seed=derive_seed(seed, "eval-envs"))
     scores = task.normalized_score(rets).reshape(1 if cfg.ensemble else n, e)
     per_policy = scores.mean(1)
-    with torch.no_grad():
-        train_mse = ((stacked_forward(params, S.expand(len(params[0]), -1, -1)) - A) ** 2).mean((1, 2))
     return {
         "score": float(scores.mean()),
         "train_mse": float(train_mse.mean()),  # the learner's final loss on the set, mean over policies
@@ -171,6 +176,12 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="evaluation seed (default: the one of the run's final evaluation, so the score repeats)",
     )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the policies train (default auto); rollouts run on the CPU",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -231,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{task.name} needs {task.obs_dim}/{task.act_dim}"
         )
     seed = derive_seed(root, "evaluation", step) if a.seed is None else a.seed
-    res = evaluate_synthetic(states, actions, task, mean, std, cfg, seed=seed)
+    from obd.devices import resolve_device
+
+    res = evaluate_synthetic(states, actions, task, mean, std, cfg, seed=seed, device=resolve_device(a.device))
     res = {"task": task.name, "path": str(a.path), "policies": cfg.policies, "episodes": cfg.episodes, **res}
     if a.json:
         print(json.dumps(res))

@@ -524,6 +524,7 @@ def parser() -> argparse.ArgumentParser:
         help="runs at once on this machine, one torch thread each (default: the number of cores, at most 2)",
     )
     p.add_argument("--no-wandb", action="store_true", help="no W&B runs")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="for every run (default auto)")
     return p
 
 
@@ -546,6 +547,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if a.no_wandb:
         spec["fixed"] = deep_update(spec.get("fixed") or {}, {"wandb": False})
+    if a.device:
+        from obd.devices import resolve_device
+
+        resolve_device(a.device)  # a clean error before any work
+        spec["fixed"] = deep_update(spec.get("fixed") or {}, {"device": a.device})
     out = Path(a.out or f"runs/sweep-{task}")
     jobs = a.jobs or min(2, os.cpu_count() or 1)
     if jobs < 1:

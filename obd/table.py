@@ -268,6 +268,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="default results/BUDGET")
     p.add_argument("--jobs", type=int, default=None, help="runs at once (default: cores, at most 2)")
     p.add_argument("--rebuild", action="store_true", help="only rebuild the table from the runs already there")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="for every run (default auto)")
     return p
 
 
@@ -287,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.budget not in budget_names():
         raise ConfigError(f"unknown budget {a.budget!r}; choose one of {', '.join(budget_names())}")
     layers = [read_yaml(Path(a.config)) or {}] if a.config else []
+    if a.device:
+        from obd.devices import resolve_device
+
+        resolve_device(a.device)
+        layers.append({"device": a.device})
     out = Path(a.out or f"results/{a.budget}")
     seeds = parse_seeds(a.seeds)
     if a.rebuild:

@@ -190,13 +190,17 @@ def prepare_targets(
         artifacts={"dataset": ds.source, "normalization": str(norm_path)},
     )
     if method in ("pbc", "avpbc", "sdw"):
-        _teacher_stage(t, ds, cfg.teacher, cache, show_progress)
+        from obd.devices import resolve_device
+
+        _teacher_stage(t, ds, cfg.teacher, cache, show_progress, resolve_device(cfg.device))
     if method == "sdw":
         _density_stage(t, cfg.density, cache)
     return t
 
 
-def _teacher_stage(t: Targets, ds: OfflineDataset, cfg: TeacherConfig, cache: Path, show_progress: bool) -> None:
+def _teacher_stage(
+    t: Targets, ds: OfflineDataset, cfg: TeacherConfig, cache: Path, show_progress: bool, device: torch.device
+) -> None:
     from obd.teacher import load_teacher, load_teacher_file, train_td3bc
 
     assert t.artifacts is not None
@@ -223,6 +227,7 @@ def _teacher_stage(t: Targets, ds: OfflineDataset, cfg: TeacherConfig, cache: Pa
                 cfg.td3bc,
                 show_progress,
                 checkpoint=partial,
+                device=device,
             )
             teacher.info["normalized_return"] = _measure_teacher(teacher, t, cfg.eval_episodes)
             teacher.save(path)

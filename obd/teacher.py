@@ -107,17 +107,20 @@ def train_td3bc(
     show_progress: bool = True,
     checkpoint: Path | None = None,
     checkpoint_every: int = 5_000,
+    device: torch.device | None = None,
 ) -> Teacher:
     """TD3+BC on normalized states. obs/next_obs (N, obs_dim), act (N, act_dim), rew/terminals (N,).
 
     With ``checkpoint``, the full training state is written there every ``checkpoint_every`` steps
     (atomically) and training resumes from it; the caller deletes it once the teacher is saved."""
     torch.manual_seed(derive_seed(cfg.seed, "td3bc-init"))
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "td3bc-batches"))
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "td3bc-batches"))  # on the CPU: same on every device
+    dev = device or torch.device("cpu")
+    obs, act, rew, next_obs, terminals = (x.to(dev) for x in (obs, act, rew, next_obs, terminals))
     obs_dim, act_dim = obs.shape[1], act.shape[1]
-    actor = DeterministicActor(obs_dim, act_dim, cfg.hidden)
+    actor = DeterministicActor(obs_dim, act_dim, cfg.hidden).to(dev)
     actor_t = copy.deepcopy(actor).requires_grad_(False)
-    critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden, n=2)
+    critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden, n=2).to(dev)
     critic_t = copy.deepcopy(critic).requires_grad_(False)
     a_opt = torch.optim.Adam(actor.parameters(), lr=cfg.actor_lr, fused=True)
     c_opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, fused=True)
@@ -136,11 +139,11 @@ def train_td3bc(
     }
     start, seconds_before = 0, 0.0
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True)
+        state = torch.load(checkpoint, weights_only=True, map_location=dev)
         for k, m in modules.items():
             m.load_state_dict(state[k])
-        gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
+        gen.set_state(state["gen"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
         start, seconds_before = int(state["it"]), float(state["seconds"])
     t0 = time.time() - seconds_before
     bar = tqdm(
@@ -159,10 +162,11 @@ def train_td3bc(
             tmp = checkpoint.with_name(checkpoint.name + ".tmp")
             torch.save(state, tmp)
             tmp.replace(checkpoint)
-        idx = torch.randint(0, obs.shape[0], (cfg.batch_size,), generator=gen)
+        idx = torch.randint(0, obs.shape[0], (cfg.batch_size,), generator=gen).to(dev)
         o, a, r, o2, nd = obs[idx], act[idx], rew[idx], next_obs[idx], not_done[idx]
         with torch.no_grad():
             noise = (torch.randn(a.shape, generator=gen) * cfg.policy_noise).clamp(-cfg.noise_clip, cfg.noise_clip)
+            noise = noise.to(dev)
             a2 = (actor_t(o2) + noise).clamp(-1.0, 1.0)
             target = r + cfg.gamma * nd * critic_t(o2, a2).min(0).values
         c_loss = ((critic(o, a) - target) ** 2).mean(1).sum()
@@ -185,7 +189,7 @@ def train_td3bc(
     q1 = QNetwork(obs_dim, act_dim, cfg.hidden)
     _ensemble_member_into(critic, 0, q1)
     info = {"kind": "td3bc", "config": asdict(cfg), "train_seconds": round(time.time() - t0, 1)}
-    return Teacher(actor.eval(), q1.eval(), info)
+    return Teacher(actor.cpu().eval(), q1.eval(), info)  # the teacher file and outputs live on the CPU
 
 
 def _ensemble_member_into(ens: EnsembleCritic, i: int, q: QNetwork) -> None:

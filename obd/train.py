@@ -158,10 +158,21 @@ def run(
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+    for noisy in (
+        "lightning",
+        "lightning.pytorch",
+        "lightning_fabric",
+        "lightning.pytorch.utilities.rank_zero",
+        "faiss.loader",
+    ):
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # device notes and tips, once per run
     torch.set_num_threads(cfg.threads)
     method, seed = cfg.distill.method, cfg.distill.seed
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     check_writable(out)
+    from obd.devices import lightning_accelerator, resolve_device
+
+    device = resolve_device(cfg.device)  # before any work: --device cuda without a GPU is a one-line error
     pl.seed_everything(derive_seed(seed, "lightning") % 2**32, workers=True, verbose=False)
     t0 = time.time()
     targets = prepare_targets(cfg, method, show_progress=show_progress, force_task=force_task)
@@ -174,6 +185,7 @@ def run(
         cfg.distill.batch_size,
         cfg.distill.test_batches,
         seed,
+        device=device,
     )
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     init_s, init_a = dm.random_real_pairs(cfg.distill.n_synthetic, seed)
@@ -224,7 +236,7 @@ def run(
             enable_progress_bar=show_progress,
             enable_model_summary=False,
             log_every_n_steps=1,
-            accelerator="cpu",
+            accelerator=lightning_accelerator(device),
             devices=1,
             num_sanity_val_steps=0,
             deterministic=False,
@@ -300,6 +312,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", type=int, default=None, help="evaluation policies (default 10)")
     p.add_argument("--episodes", type=int, default=None, help="episodes per evaluation policy (default 10)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
+    p.add_argument(
+        "--device",
+        default=None,
+        choices=("auto", "cpu", "cuda"),
+        help="where distillation, evaluation training and the teacher run (default auto: cuda if available)",
+    )
     p.add_argument("--out", default=None, help="output directory (default runs/TASK-METHOD-sSEED)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
     p.add_argument("--no-wandb", action="store_true", help="no W&B run")
@@ -346,6 +364,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                 "eval_every": args.eval_every,
                 "out": args.out,
                 "threads": args.threads,
+                "device": args.device,
             }.items()
             if v is not None
         },

@@ -28,7 +28,15 @@ def _train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     cfg = SACConfig(total_steps=args.steps, seed=args.seed)
     workdir = _workdir(args)
-    snaps = train_sac(get_task(f"{args.env}-medium"), cfg, workdir, stop_at_score=args.stop_at_score)
+    from obd.devices import resolve_device
+
+    snaps = train_sac(
+        get_task(f"{args.env}-medium"),
+        cfg,
+        workdir,
+        stop_at_score=args.stop_at_score,
+        device=resolve_device(args.device),
+    )
     best = max(snaps, key=lambda s: s["score"]) if snaps else None
     print(f"{workdir}: {len(snaps)} snapshots" + (f", best {best['score']:.1f} at step {best['step']}" if best else ""))
 
@@ -70,6 +78,12 @@ def parser() -> argparse.ArgumentParser:
     )
     tb.add_argument("--workdir", default=None, help="resumable state (default OBD_DATA_DIR/sac/ENV-seedSEED)")
     tb.add_argument("--threads", type=int, default=1, help="torch threads")
+    tb.add_argument(
+        "--device",
+        default="cpu",
+        choices=("auto", "cpu", "cuda"),
+        help="where the SAC updates run (default cpu: small networks, one env)",
+    )
     tb.set_defaults(fn=_train)
     ex = sub.add_parser(
         "export",

@@ -139,12 +139,14 @@ def actor_policy(actor: TanhGaussianActor, stochastic: bool, seed: int = 0):
     """Wrap an actor as a numpy policy for :mod:`obd.rollout`; stochastic policies sample a ~ pi(.|s)."""
     gen = torch.Generator().manual_seed(seed)
 
+    dev = next(actor.parameters()).device
+
     @torch.no_grad()
     def policy(obs: np.ndarray) -> np.ndarray:
-        o = torch.as_tensor(obs, dtype=torch.float32)
+        o = torch.as_tensor(obs, dtype=torch.float32, device=dev)
         if not stochastic:
-            return actor.deterministic(o).numpy()
-        mu, log_std = actor(o)
+            return actor.deterministic(o).cpu().numpy()
+        mu, log_std = (x.cpu() for x in actor(o))
         return torch.tanh(mu + log_std.exp() * torch.randn(mu.shape, generator=gen)).numpy()
 
     return policy
@@ -157,7 +159,12 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def train_sac(
-    task: Task, cfg: SACConfig, workdir: Path, stop_at_score: float | None = None, show_progress: bool = True
+    task: Task,
+    cfg: SACConfig,
+    workdir: Path,
+    stop_at_score: float | None = None,
+    show_progress: bool = True,
+    device: torch.device | None = None,
 ) -> list[dict]:
     """Train (or resume) SAC on ``task.env_id``; returns the snapshot list.
 
@@ -171,19 +178,20 @@ def train_sac(
     torch.manual_seed(cfg.seed)
     env = gym.make(task.env_id)
     obs_dim, act_dim = task.obs_dim, task.act_dim
-    agent = SAC(obs_dim, act_dim, cfg)
+    dev = device or torch.device("cpu")
+    agent = SAC(obs_dim, act_dim, cfg).to(dev)
     buffer = ReplayBuffer(cfg.total_steps, obs_dim, act_dim)
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     snapshots: list[dict] = []
     step, episodes = 0, 0
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=False, map_location=dev)
         agent.load_state_dict(ck["agent"])
         for name in ("actor_opt", "critic_opt", "alpha_opt"):
             getattr(agent, name).load_state_dict(ck[name])
         buffer.load_state_dict(ck["buffer"])
-        gen.set_state(ck["gen"])
+        gen.set_state(ck["gen"].cpu())
         rng.bit_generator.state = ck["rng"]
         step, episodes = ck["step"], ck["episodes"]
         snapshots = torch.load(snap_path, weights_only=True) if snap_path.exists() else []
@@ -214,7 +222,7 @@ def train_sac(
             episodes += 1
             obs, _ = env.reset(seed=derive_seed(cfg.seed, "episode", episodes))
         if step >= cfg.learning_starts:
-            last = agent.update(*buffer.sample(cfg.batch_size, gen))
+            last = agent.update(*(x.to(dev) for x in buffer.sample(cfg.batch_size, gen)))
         step += 1
         bar.update(1)
         if step % cfg.snapshot_every == 0:

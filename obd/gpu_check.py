@@ -1,0 +1,54 @@
+"""``make gpu-check``: the checks that need a GPU, then the bench on cuda, as one JSON line.
+
+Runs the CUDA-marked tests (device placement, batched vs separate on the GPU) and the batched
+outer-iteration figures on cuda (K = 1, 8, 32). Without a CUDA device it says so and exits 0, so
+the target is safe to call anywhere. Meant to finish well under 8 minutes on one GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+
+def main() -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print(
+            json.dumps(
+                {
+                    "gpu_check": "skipped",
+                    "reason": f"no CUDA device (torch {torch.__version__}, cuda {torch.version.cuda})",
+                }
+            )
+        )
+        return 0
+    t0 = time.time()
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "--timeout", "300"], capture_output=True, text=True
+    )
+    from obd.bench import bench_batched
+    from obd.devices import resolve_device
+
+    figures = bench_batched(resolve_device("cuda"), (1, 8, 32), repeat=3)
+    tail = tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else tests.stderr[-300:]
+    print(
+        json.dumps(
+            {
+                "gpu_check": "ok" if tests.returncode == 0 else "tests failed",
+                "device": torch.cuda.get_device_name(0),
+                "torch": torch.__version__,
+                "tests": tail,
+                "outer_iter_per_run_s": {"cuda": figures},
+                "seconds": round(time.time() - t0, 1),
+            }
+        )
+    )
+    return 0 if tests.returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from obd.batched import outer_grad_batched, stack_params
+from obd.distill import init_policy, outer_grad_fast
+
+
+def problem(seed: int, n=8, d=5, a=2, hidden=(7, 6), B=30):
+    g = torch.Generator().manual_seed(seed)
+    S = torch.randn(n, d, generator=g, dtype=torch.float64)
+    A = torch.rand(n, a, generator=g, dtype=torch.float64) * 2 - 1
+    p0 = [q.double() for q in init_policy(d, a, hidden, g, init="corl")]
+    p0[-2] = p0[-2] * 100
+    obs = torch.randn(B, d, generator=g, dtype=torch.float64)
+    target = torch.rand(B, a, generator=g, dtype=torch.float64) * 2 - 1
+    weight = torch.rand(B, generator=g, dtype=torch.float64)
+    return S, A, p0, obs, target, weight
+
+
+def test_batched_runs_equal_separate_runs_in_float64():
+    """Issue 11: K runs with different seeds, weights, learning rates and inner-step counts (masked up to
+    the maximum) get, in one batched iteration, exactly the gradient each gets alone."""
+    runs = [problem(s) for s in range(3)]
+    steps, lrs = [2, 5, 3], [0.5, 0.3, 0.2]
+    S, A = torch.stack([r[0] for r in runs]), torch.stack([r[1] for r in runs])
+    p0 = stack_params([r[2] for r in runs])
+    obs, target, weight = (torch.stack([r[i] for r in runs]) for i in (3, 4, 5))
+    loss, gS, gA = outer_grad_batched(
+        S, A, p0, obs, target, weight, torch.tensor(steps), torch.tensor(lrs, dtype=torch.float64)
+    )
+    for k, (s, a, p, o, t, w) in enumerate(runs):
+        l1, gS1, gA1 = outer_grad_fast(s, a, p, o, t, w, steps[k], lrs[k])
+        assert float(loss[k]) == pytest.approx(float(l1), rel=1e-12)
+        torch.testing.assert_close(gS[k], gS1, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(gA[k], gA1, rtol=1e-10, atol=1e-13)
+    # a run dropped from the batch (e.g. a pruned trial) changes nothing for the others
+    keep = [0, 2]
+    loss2, gS2, _ = outer_grad_batched(
+        S[keep],
+        A[keep],
+        [q[keep] for q in p0],
+        obs[keep],
+        target[keep],
+        weight[keep],
+        torch.tensor([steps[i] for i in keep]),
+        torch.tensor([lrs[i] for i in keep], dtype=torch.float64),
+    )
+    torch.testing.assert_close(gS2, gS[keep], rtol=1e-12, atol=1e-14)
+
+
+def test_device_choice_and_a_clean_error_without_cuda():
+    from obd.devices import resolve_device
+    from obd.errors import ObdError
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ObdError, match="--device cuda: no CUDA device is available"):
+            resolve_device("cuda")
+
+
+def test_cuda_unavailable_is_one_line_from_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "obd.train",
+            "--task",
+            "hopper-random",
+            "--budget",
+            "smoke",
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2 and "no CUDA device is available" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_on_cuda_matches_cpu_in_float64():
+    runs = [problem(s) for s in range(2)]
+    args_cpu = (
+        torch.stack([r[0] for r in runs]),
+        torch.stack([r[1] for r in runs]),
+        stack_params([r[2] for r in runs]),
+        *(torch.stack([r[i] for r in runs]) for i in (3, 4, 5)),
+    )
+    steps, lr = torch.tensor([3, 4]), torch.tensor([0.3, 0.2], dtype=torch.float64)
+    cpu = outer_grad_batched(*args_cpu, steps, lr)
+    to = lambda x: [q.cuda() for q in x] if isinstance(x, list) else x.cuda()  # noqa: E731
+    gpu = outer_grad_batched(*(to(x) for x in args_cpu), steps, lr)
+    for c, g in zip(cpu, gpu):
+        assert g.device.type == "cuda"
+        torch.testing.assert_close(g.cpu(), c, rtol=1e-9, atol=1e-12)
