@@ -122,3 +122,209 @@ def outer_grad_batched(
         gS = gS - scale[t] * rs
         gA = gA - scale[t] * ra
     return losses.detach(), gS, gA
+
+
+# ------------------------------------------------------------------ K runs advanced together
+
+
+def run_batched(cfgs: list, show_progress: bool = True, dtype: torch.dtype = torch.float32) -> list[dict]:
+    """K distillation runs of one dataset advanced in one batched outer iteration per step.
+
+    Each run keeps what :func:`obd.train.run` gives it: its own synthetic set, optimizer (SGD or Adam,
+    gradient-norm clip per run), inner-loop inits and outer batches keyed by (seed, step), evaluations
+    with the published protocol, ``OUT/checkpoints/batched.pt`` (resumable per run: runs at different
+    steps share a batch), ``metrics.json`` and ``synthetic.npz``. Runs may differ in method, seed,
+    inner learning rate, inner steps (masked to the maximum), outer optimizer and outer steps; they
+    must share the dataset, the number of synthetic pairs, the policy and the real-batch size.
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from obd.config import to_dict
+    from obd.datamodule import OBDDataModule
+    from obd.devices import resolve_device
+    from obd.distill import init_policy
+    from obd.errors import ConfigError
+    from obd.evaluate import evaluate_synthetic, save_synthetic, summarize_history
+    from obd.seeding import derive_seed
+    from obd.targets import prepare_targets
+    from obd.tracking import versions
+
+    if not cfgs:
+        return []
+    first = cfgs[0]
+    shared = (
+        "data",
+        "distill.n_synthetic",
+        "distill.hidden",
+        "distill.batch_size",
+        "distill.test_batches",
+        "distill.init",
+        "device",
+    )
+
+    def get(cfg, dotted: str):
+        for part in dotted.split("."):
+            cfg = getattr(cfg, part)
+        return cfg
+
+    for c in cfgs[1:]:
+        for key in shared:
+            if get(c, key) != get(first, key):
+                raise ConfigError(f"batched runs must share '{key}': {get(first, key)!r} vs {get(c, key)!r}")
+    if any(c.distill.method == "random" for c in cfgs):
+        raise ConfigError("the random baseline has nothing to distil; run it with obd.train")
+    device = resolve_device(first.device)
+    need = (
+        "sdw"
+        if any(c.distill.method == "sdw" for c in cfgs)
+        else next(m for m in ("avpbc", "pbc", "dbc") if any(c.distill.method == m for c in cfgs))
+    )
+    t0 = time.time()
+    targets = prepare_targets(first, need, show_progress=show_progress)
+    task, mean, std = targets.task, targets.mean.numpy(), targets.std.numpy()
+
+    class Run:
+        def __init__(self, cfg) -> None:
+            self.cfg, self.out = cfg, Path(cfg.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+            dm = OBDDataModule(
+                targets,
+                cfg.distill.method,
+                cfg.distill.beta,
+                cfg.density,
+                cfg.distill.batch_size,
+                cfg.distill.test_batches,
+                cfg.distill.seed,
+                device=device,
+            )
+            self.batches = dm.batches()
+            s, a = dm.random_real_pairs(cfg.distill.n_synthetic, cfg.distill.seed)
+            self.S = s.to(device, dtype).requires_grad_(True)
+            self.A = a.to(device, dtype).requires_grad_(True)
+            d = cfg.distill
+            self.opt = (
+                torch.optim.SGD([self.S, self.A], lr=d.outer_lr, momentum=d.outer_momentum)
+                if d.outer_optimizer == "sgd"
+                else torch.optim.Adam([self.S, self.A], lr=d.outer_lr)
+            )
+            self.step, self.history, self.seconds_before = 0, [], 0.0
+            self.ckpt = self.out / "checkpoints" / "batched.pt"
+            if self.ckpt.is_file():
+                st = torch.load(self.ckpt, weights_only=True, map_location=device)
+                with torch.no_grad():
+                    self.S.copy_(st["S"])
+                    self.A.copy_(st["A"])
+                self.opt.load_state_dict(st["opt"])
+                self.step, self.history = int(st["step"]), json.loads(st["history"])
+                self.seconds_before = float(st["seconds"])
+
+        def save(self) -> None:
+            self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.ckpt.with_name(self.ckpt.name + ".tmp")
+            torch.save(
+                {
+                    "S": self.S.detach(),
+                    "A": self.A.detach(),
+                    "opt": self.opt.state_dict(),
+                    "step": self.step,
+                    "history": json.dumps(self.history),
+                    "seconds": self.seconds_before + time.time() - t0,
+                },
+                tmp,
+            )
+            tmp.replace(self.ckpt)
+
+        def evaluate(self) -> None:
+            if self.history and self.history[-1]["step"] == self.step:
+                return
+            res = evaluate_synthetic(
+                self.S.detach().float(),
+                self.A.detach().float(),
+                task,
+                mean,
+                std,
+                self.cfg.eval,
+                seed=derive_seed(self.cfg.distill.seed, "evaluation", self.step),
+            )
+            self.history.append({"step": self.step, **res})
+
+    runs = [Run(c) for c in cfgs]
+    active = [r for r in runs if r.step < r.cfg.outer_steps]
+    total = sum(r.cfg.outer_steps - r.step for r in active)
+    bar = tqdm(total=total, desc=f"{len(runs)} runs, batched", unit="run-step", disable=not show_progress)
+    while active:
+        inits = []
+        for r in active:
+            gen = torch.Generator().manual_seed(derive_seed(r.cfg.distill.seed, "inner-init", r.step))
+            inits.append(
+                [
+                    q.to(device, dtype)
+                    for q in init_policy(task.obs_dim, task.act_dim, r.cfg.distill.hidden, gen, r.cfg.distill.init)
+                ]
+            )
+        obs, tgt, w = (torch.stack(x).to(dtype) for x in zip(*(r.batches.batch(r.step) for r in active)))
+        _, gS, gA = outer_grad_batched(
+            torch.stack([r.S.detach() for r in active]),
+            torch.stack([r.A.detach() for r in active]),
+            stack_params(inits),
+            obs,
+            tgt,
+            w,
+            torch.tensor([r.cfg.distill.inner_steps for r in active]),
+            torch.tensor([r.cfg.distill.inner_lr for r in active], dtype=dtype),
+        )
+        for k, r in enumerate(active):
+            r.opt.zero_grad()
+            r.S.grad, r.A.grad = gS[k].clone(), gA[k].clone()
+            torch.nn.utils.clip_grad_norm_([r.S, r.A], r.cfg.distill.grad_clip)
+            r.opt.step()
+            r.step += 1
+            if r.cfg.eval_every and r.step % r.cfg.eval_every == 0:
+                r.evaluate()
+            if r.step % r.cfg.checkpoint_every == 0 or r.step == r.cfg.outer_steps:
+                if r.step == r.cfg.outer_steps:
+                    r.evaluate()
+                r.save()
+        bar.update(len(active))
+        active = [r for r in active if r.step < r.cfg.outer_steps]
+    bar.close()
+    out = []
+    for r in runs:
+        r.evaluate()
+        c, k = r.cfg, r.cfg.eval.k_for(r.cfg.distill.method)
+        save_synthetic(
+            r.out / "synthetic.npz",
+            r.S.detach().float().cpu(),
+            r.A.detach().float().cpu(),
+            mean,
+            std,
+            task.name,
+            to_dict(c),
+        )
+        m = {
+            "method": c.distill.method,
+            "task": task.name,
+            "seed": c.distill.seed,
+            "budget": c.budget,
+            "outer_steps": c.outer_steps,
+            **summarize_history(r.history, k),
+            "protocol": {
+                "policies": c.eval.policies,
+                "episodes": c.eval.episodes,
+                "last_k": k,
+                "ensemble": c.eval.ensemble,
+            },
+            "history": r.history,
+            "wall_seconds": round(r.seconds_before + time.time() - t0, 1),
+            "engine": "batched",
+            **targets.describe(c.distill.method, c.distill.beta, c.density),
+            "versions": versions(),
+            "config": to_dict(c),
+        }
+        (r.out / "metrics.json").write_text(json.dumps(m, indent=1, default=str))
+        out.append(m)
+    return out

@@ -221,11 +221,19 @@ def _trial_worker(task: str, spec: dict, out: str, storage: str, method: str, jo
 
 class Sweep:
     def __init__(
-        self, task: str, spec: dict, out: Path, storage: str | None, show_progress: bool = True, jobs: int = 1
+        self,
+        task: str,
+        spec: dict,
+        out: Path,
+        storage: str | None,
+        show_progress: bool = True,
+        jobs: int = 1,
+        batched: bool = False,
     ):
         self.task, self.spec, self.out = task, spec, out
         self.show_progress = show_progress
         self.jobs = max(1, jobs)
+        self.batched = batched  # finals of a method: all seeds in one batched engine (obd.batched)
         # runs in parallel share the cores: one torch thread each when several run at once
         self.threads = max(1, (os.cpu_count() or 1) // self.jobs)
         out.mkdir(parents=True, exist_ok=True)
@@ -405,7 +413,12 @@ class Sweep:
             else:
                 todo[seed] = to_dict(cfg)
         bar = tqdm(total=len(todo), desc=f"{method} finals", unit="run", disable=not self.show_progress or not todo)
-        if self.jobs > 1 and len(todo) > 1:
+        if self.batched and method in DISTILL_METHODS and todo:
+            from obd.batched import run_batched
+
+            done = run_batched([merge(RunConfig(), c) for c in todo.values()], show_progress=self.show_progress)
+            results.update(zip(todo, done))
+        elif self.jobs > 1 and len(todo) > 1:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -525,6 +538,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-wandb", action="store_true", help="no W&B runs")
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="for every run (default auto)")
+    p.add_argument(
+        "--batched",
+        action="store_true",
+        help="run each method's finals (all seeds) as one batched computation (for GPUs)",
+    )
     return p
 
 
@@ -556,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = a.jobs or min(2, os.cpu_count() or 1)
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
-    sweep = Sweep(task, spec, out, a.storage, jobs=jobs)
+    sweep = Sweep(task, spec, out, a.storage, jobs=jobs, batched=a.batched)
     sweep.prepare()
     for method in spec["methods"]:
         sweep.optimize(method)

@@ -57,7 +57,14 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def run_all(
-    tasks: list[str], methods: list[str], seeds: list[int], budget: str, out: Path, jobs: int, layers: list[dict]
+    tasks: list[str],
+    methods: list[str],
+    seeds: list[int],
+    budget: str,
+    out: Path,
+    jobs: int,
+    layers: list[dict],
+    batched: bool = False,
 ) -> dict[tuple[str, str, int], dict]:
     """Every (task, method, seed) run; finished ones are read back, the rest run ``jobs`` at a time."""
     from tqdm.auto import tqdm
@@ -100,6 +107,15 @@ def run_all(
         needs = {k[1] for k in todo if k[0] == task}
         method = next((m for m in ("sdw", "avpbc", "pbc", "dbc") if m in needs), "dbc")
         prepare_targets(build_config(budget, [*layers, {"data": {"source": task}}]), method)
+    if batched:  # every distillation run of a task in one batched computation (obd.batched)
+        from obd.batched import run_batched
+        from obd.config import RunConfig, merge
+
+        for task in sorted({k[0] for k in todo}):
+            keys = [k for k in todo if k[0] == task and k[1] != "random"]
+            if keys:
+                done = run_batched([merge(RunConfig(), todo.pop(k)) for k in keys])
+                results.update(zip(keys, done))
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not todo)
     if jobs > 1 and len(todo) > 1:
         import multiprocessing as mp
@@ -269,6 +285,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="runs at once (default: cores, at most 2)")
     p.add_argument("--rebuild", action="store_true", help="only rebuild the table from the runs already there")
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="for every run (default auto)")
+    p.add_argument("--batched", action="store_true", help="each task's distillation runs as one batched computation")
     return p
 
 
@@ -303,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[(m["task"], m["method"], m["seed"])] = m
     else:
         jobs = a.jobs or min(2, os.cpu_count() or 1)
-        results = run_all(tasks, methods, seeds, a.budget, out, jobs, layers)
+        results = run_all(tasks, methods, seeds, a.budget, out, jobs, layers, batched=a.batched)
     rows = build_table(results, tasks, methods, a.budget, out)
     print((out / "table.md").read_text(), end="")
     print(f"{len(rows)} dataset(s); table: {out / 'table.csv'}, {out / 'table.md'}, {out / 'table.png'}")

@@ -96,3 +96,37 @@ def test_misalignment_study_end_to_end(tmp_path):
         assert d["levels"][1]["train_mse"] < d["levels"][0]["train_mse"]  # more steps, lower loss
     assert isinstance(res["flips"], bool) and len(res["ranking_low_loss"]) == 2
     assert (out / "misalignment.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_table_batched_engine(tmp_path):
+    from obd.table import main
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    assert (
+        main(
+            [
+                "--tasks",
+                "hopper-random",
+                "--methods",
+                "random,avpbc,sdw",
+                "--seeds",
+                "0-1",
+                "--budget",
+                "smoke",
+                "--config",
+                str(cfg),
+                "--jobs",
+                "1",
+                "--batched",
+                "--out",
+                str(tmp_path / "res"),
+            ]
+        )
+        == 0
+    )
+    m = json.loads((tmp_path / "res" / "runs" / "hopper-random" / "sdw-s1" / "metrics.json").read_text())
+    assert m["engine"] == "batched" and m["seed"] == 1 and m["history"]
+    rows = list(csv.DictReader(open(tmp_path / "res" / "table.csv")))
+    assert rows[0]["sdw_n"] == "2" and rows[0]["random_n"] == "2"
