@@ -212,7 +212,7 @@ def load_teacher_file(path: Path) -> Teacher:
     critic = QNetwork(obs_dim, act_dim, hidden)
     critic.load_state_dict(critic_sd)
     a_hidden = tuple(w.shape[0] for k, w in actor_sd.items() if k.endswith("weight"))[:-1]
-    if info["kind"] == "td3bc":
+    if info["kind"] not in GAUSSIAN_KINDS:
         actor: nn.Module = DeterministicActor(obs_dim, act_dim, a_hidden)
     else:
         actor = TanhMeanActor(TanhGaussianActor(obs_dim, act_dim, a_hidden))
@@ -222,7 +222,7 @@ def load_teacher_file(path: Path) -> Teacher:
 
 def _act_dim_of(actor_sd: dict, kind: str) -> int:
     out = [w for k, w in actor_sd.items() if k.endswith("weight")][-1].shape[0]
-    return out if kind == "td3bc" else out // 2
+    return out // 2 if kind in GAUSSIAN_KINDS else out
 
 
 # ---------------------------------------------------------------- CORL checkpoints, read safely
@@ -289,8 +289,49 @@ _safe_pickle = types.SimpleNamespace(
 )
 
 
+def _linear_stack(sd: dict, prefix: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (weight, bias) pairs of the nn.Linear layers under ``prefix`` of a Sequential's state dict, in
+    layer order (activations, dropout and squeeze layers hold no parameters and are skipped)."""
+    idx = sorted(
+        {
+            int(k[len(prefix) :].split(".")[0])
+            for k in sd
+            if k.startswith(prefix) and k.endswith(".weight") and k[len(prefix) :].split(".")[0].isdigit()
+        }
+    )
+    return [(sd[f"{prefix}{i}.weight"], sd[f"{prefix}{i}.bias"]) for i in idx]
+
+
+def _mlp_from(stack: list[tuple[torch.Tensor, torch.Tensor]]) -> nn.Sequential:
+    net = mlp(stack[0][0].shape[1], stack[-1][0].shape[0], tuple(w.shape[0] for w, _ in stack[:-1]))
+    with torch.no_grad():
+        for lin, (w, b) in zip((m for m in net if isinstance(m, nn.Linear)), stack):
+            lin.weight.copy_(w)
+            lin.bias.copy_(b)
+    return net
+
+
+# CORL's checkpoint layouts (algorithms/offline/*.py), each mapped explicitly:
+#   CQL / Cal-QL: actor.base_network.* (a 2*act_dim tanh-Gaussian head), critic1.network.*
+#   TD3+BC:       actor.net.* (Linear-ReLU-...-Linear-Tanh; max_action 1 on MuJoCo), critic_1.net.*
+#   IQL:          actor.net.net.* (Gaussian mean with Tanh, or deterministic; dropout layers skipped), qf.q1.net.*
+CORL_FORMATS = ("cql", "td3bc", "iql")
+GAUSSIAN_KINDS = ("corl", "corl-cql")  # teacher kinds whose actor is a tanh-Gaussian (2 * act_dim head)
+
+
+def _corl_format(ck: dict) -> str | None:
+    if "critic1" in ck and "actor" in ck:
+        return "cql"
+    if "critic_1" in ck and "actor" in ck:
+        return "td3bc"
+    if "qf" in ck and "actor" in ck:
+        return "iql"
+    return None
+
+
 def load_corl_checkpoint(path: str | Path, obs_dim: int, act_dim: int) -> Teacher:
-    """pi* and Q1 from a CORL checkpoint (``actor`` + ``critic1`` state dicts); nothing else is built."""
+    """pi* and Q1 from a CORL checkpoint of CQL/Cal-QL, TD3+BC or IQL; nothing else is built, no pickled
+    code runs."""
     path = Path(path)
     if not path.is_file():
         raise ObdError(f"{path}: no such teacher checkpoint")
@@ -299,26 +340,43 @@ def load_corl_checkpoint(path: str | Path, obs_dim: int, act_dim: int) -> Teache
         ck = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False, pickle_module=_safe_pickle)
     except Exception as e:  # corrupt zip, refused global, truncated file
         raise ObdError(f"{path}: cannot read as a CORL checkpoint ({e})") from None
-    if not isinstance(ck, dict) or "actor" not in ck or "critic1" not in ck:
+    fmt = _corl_format(ck) if isinstance(ck, dict) else None
+    if fmt is None:
         keys = list(ck)[:10] if isinstance(ck, dict) else type(ck).__name__
-        raise ObdError(f"{path}: a CORL checkpoint has 'actor' and 'critic1' state dicts; found {keys}")
-    a_sd = {k.replace("base_network.", "net."): v for k, v in ck["actor"].items() if k.startswith("base_network.")}
-    c_sd = {k.replace("network.", "net."): v for k, v in ck["critic1"].items() if k.startswith("network.")}
-    a_w = [v for k, v in a_sd.items() if k.endswith("weight")]
-    c_w = [v for k, v in c_sd.items() if k.endswith("weight")]
-    if not a_w or not c_w:
-        raise ObdError(f"{path}: 'actor' lacks base_network.* or 'critic1' lacks network.* weights")
-    if a_w[0].shape[1] != obs_dim or a_w[-1].shape[0] != 2 * act_dim or c_w[0].shape[1] != obs_dim + act_dim:
         raise ObdError(
-            f"{path}: networks are for obs/act dims {a_w[0].shape[1]}/{a_w[-1].shape[0] // 2}, "
-            f"the task has {obs_dim}/{act_dim}"
+            f"{path}: not a CORL checkpoint of CQL/Cal-QL ('actor' + 'critic1'), TD3+BC ('actor' + "
+            f"'critic_1') or IQL ('actor' + 'qf'); found {keys}"
         )
-    actor = TanhGaussianActor(obs_dim, act_dim, tuple(w.shape[0] for w in a_w[:-1]))
-    actor.load_state_dict(a_sd)
-    critic = QNetwork(obs_dim, act_dim, tuple(w.shape[0] for w in c_w[:-1]))
-    critic.load_state_dict(c_sd)
-    info = {"kind": "corl", "path": str(path), "total_it": int(ck["total_it"]) if "total_it" in ck else None}
-    return Teacher(TanhMeanActor(actor).eval(), critic.eval(), info)
+    a_prefix, c_key, c_prefix = {
+        "cql": ("base_network.", "critic1", "network."),
+        "td3bc": ("net.", "critic_1", "net."),
+        "iql": ("net.net.", "qf", "q1.net."),
+    }[fmt]
+    a_stack, c_stack = _linear_stack(ck["actor"], a_prefix), _linear_stack(ck[c_key], c_prefix)
+    if not a_stack or not c_stack:
+        raise ObdError(f"{path}: {fmt} layout expected actor.{a_prefix}* and {c_key}.{c_prefix}* weights")
+    head = 2 * act_dim if fmt == "cql" else act_dim
+    if (
+        a_stack[0][0].shape[1] != obs_dim
+        or a_stack[-1][0].shape[0] != head
+        or c_stack[0][0].shape[1] != obs_dim + act_dim
+    ):
+        raise ObdError(
+            f"{path}: networks are for obs/act dims {a_stack[0][0].shape[1]}/"
+            f"{c_stack[0][0].shape[1] - a_stack[0][0].shape[1]}, the task has {obs_dim}/{act_dim}"
+        )
+    critic = QNetwork(obs_dim, act_dim, tuple(w.shape[0] for w, _ in c_stack[:-1]))
+    critic.net = _mlp_from(c_stack)
+    actor: nn.Module
+    if fmt == "cql":
+        gauss = TanhGaussianActor(obs_dim, act_dim, tuple(w.shape[0] for w, _ in a_stack[:-1]))
+        gauss.net = _mlp_from(a_stack)
+        actor = TanhMeanActor(gauss)
+    else:  # tanh on the last layer's output: the deterministic action (TD3+BC, IQL's mean or deterministic policy)
+        actor = DeterministicActor(obs_dim, act_dim, tuple(w.shape[0] for w, _ in a_stack[:-1]))
+        actor.net = _mlp_from(a_stack)
+    info = {"kind": f"corl-{fmt}", "path": str(path), "total_it": int(ck["total_it"]) if "total_it" in ck else None}
+    return Teacher(actor.eval(), critic.eval(), info)
 
 
 def teacher_numpy_policy(teacher: Teacher, mean: np.ndarray, std: np.ndarray):

@@ -65,7 +65,7 @@ def test_corl_checkpoint_loads_without_running_foreign_code(tmp_path):
         load_corl_checkpoint(ck, obs_dim=17, act_dim=6)
     bad = tmp_path / "bad.pt"
     torch.save({"policy": {}}, bad)
-    with pytest.raises(ObdError, match="'actor' and 'critic1'"):
+    with pytest.raises(ObdError, match="not a CORL checkpoint of CQL/Cal-QL"):
         load_corl_checkpoint(bad, 11, 3)
     bad.write_bytes(b"garbage")
     with pytest.raises(ObdError, match="bad.pt: cannot read as a CORL checkpoint"):
@@ -126,3 +126,45 @@ def test_td3bc_resumes_from_its_checkpoint_exactly(tmp_path):
     )
     with torch.no_grad():
         torch.testing.assert_close(resumed.actor(obs), straight.actor(obs))
+
+
+@pytest.mark.parametrize("fmt", ["td3bc", "iql-gaussian", "iql-deterministic"])
+def test_corl_td3bc_and_iql_layouts_map_explicitly(tmp_path, fmt):
+    """Issue 13: CORL TD3+BC and IQL checkpoints were rejected ("needs critic1")."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    obs_dim, act_dim = 11, 3
+    drop = fmt == "iql-deterministic"  # CORL's DeterministicPolicy MLP may carry dropout layers
+    layers = [
+        nn.Linear(obs_dim, 32),
+        nn.ReLU(),
+        *([nn.Dropout(0.1)] if drop else []),
+        nn.Linear(32, 32),
+        nn.ReLU(),
+        *([nn.Dropout(0.1)] if drop else []),
+        nn.Linear(32, act_dim),
+        nn.Tanh(),
+    ]
+    pi = nn.Sequential(*layers).eval()
+    q = nn.Sequential(nn.Linear(obs_dim + act_dim, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    if fmt == "td3bc":
+        ck = {
+            "actor": {f"net.{k}": v for k, v in pi.state_dict().items()},
+            "critic_1": {f"net.{k}": v for k, v in q.state_dict().items()},
+            "total_it": 7,
+        }
+    else:
+        actor = {f"net.net.{k}": v for k, v in pi.state_dict().items()}
+        if fmt == "iql-gaussian":
+            actor["log_std"] = torch.zeros(act_dim)
+        ck = {"actor": actor, "qf": {f"q1.net.{k}": v for k, v in q.state_dict().items()}, "vf": {}, "total_it": 7}
+    path = tmp_path / "ck.pt"
+    torch.save(ck, path)
+    t = load_teacher(path, obs_dim, act_dim)
+    x = torch.randn(64, obs_dim)
+    with torch.no_grad():
+        a = pi(x)
+        torch.testing.assert_close(t.actor(x), a)
+        torch.testing.assert_close(t.critic(x, a), q(torch.cat([x, a], 1)).squeeze(-1))
+    assert t.info["kind"] == f"corl-{fmt.split('-')[0]}" and t.info["total_it"] == 7
