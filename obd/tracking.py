@@ -32,23 +32,29 @@ def _quiet_wandb() -> None:
 
 
 def wandb_logger(
-    project: str, group: str | None, name: str, save_dir: Path, config: dict, tags: list[str], run_id: str | None = None
+    project: str,
+    group: str | None,
+    name: str,
+    save_dir: Path,
+    config: dict,
+    tags: list[str],
+    run_id: str | None = None,
 ):
-    """A Lightning WandbLogger; ``run_id`` resumes that run (``--resume`` continues the same W&B run)."""
+    """A Lightning WandbLogger around a run we start (so W&B gets only the settings we mean);
+    ``run_id`` resumes that run (``--resume`` continues the same W&B run)."""
     from lightning.pytorch.loggers import WandbLogger
 
-    _quiet_wandb()
-    return WandbLogger(
+    run = wandb_init(
         project=project,
         group=group,
         name=name,
-        save_dir=str(save_dir),
-        mode=wandb_mode(),
-        tags=tags,
+        dir=str(save_dir),
         config=config,
+        tags=tags,
         id=run_id,
         resume="allow" if run_id else None,
     )
+    return WandbLogger(experiment=run, save_dir=str(save_dir))
 
 
 def wandb_init(**kwargs):

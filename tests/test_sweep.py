@@ -100,6 +100,22 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     c = summary["comparisons"]["sdw - avpbc"]
     assert c["n_pairs"] == 2 and c["paired_t_ci"][0] <= c["mean_difference"] <= c["paired_t_ci"][1]
     assert "only 2 paired seeds" in c["verdict"]
+    # the console is ours, not W&B's (issue 13: ~214 of 235 lines were W&B's own output)
+    assert len([ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("wandb:")]) <= 2
+    # the study is a standard Optuna RDB: the optuna CLI (and optuna-dashboard) read it
+    ls = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "optuna"),
+            "studies",
+            "--storage",
+            f"sqlite:///{out / 'study.db'}",
+            "-f",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert ls.returncode == 0 and "hopper-random-sdw-smoke" in ls.stdout
     report = (out / "report.md").read_text()
     assert "| sdw |" in report and "| avpbc |" in report and "| random |" in report and "sdw - avpbc" in report
     for png in ("returns.png", "curves.png", "projection.png"):
