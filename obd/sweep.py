@@ -389,7 +389,10 @@ class Sweep:
     # -------------------------------------------------------------- finals and comparison
     def final_config(self, method: str, seed: int, out: Path) -> RunConfig:
         params = self.study(method).best_trial.params if method in DISTILL_METHODS else {}
-        return run_config(self.spec, self.task, method, params, seed, out, f"{self.task}-finals")
+        cfg = run_config(self.spec, self.task, method, params, seed, out, f"{self.task}-finals")
+        if self.spec.get("vary_data_per_seed"):  # each final seed: its own generated dataset and teacher
+            merge(cfg, {"data": {"data_seed": seed}, "teacher": {"td3bc": {"seed": seed}}})
+        return cfg
 
     def finals(self, method: str) -> dict[int, dict]:
         """Run ``method`` (its best configuration; a baseline as is) over seeds 1..S; a finished seed is

@@ -332,3 +332,18 @@ def test_two_workers_share_a_postgresql_study(tmp_path, postgres):
     assert all("worker" in t.user_attrs for t in finished)
     assert len(optuna.get_all_study_summaries(postgres)) == 1
     assert len({t.number for t in trials}) == len(trials)
+
+
+def test_finals_can_vary_data_and_teacher_seed_per_seed(tmp_path):
+    """Issue 10: a claim need not rest on one dataset and one teacher."""
+    from obd.sweep import Sweep
+
+    spec = load_study(write_study(tmp_path, vary_data_per_seed=True), "hopper-random")
+    sw = Sweep("hopper-random", spec, tmp_path / "s", None, show_progress=False)
+    cfg = sw.final_config("random", 3, tmp_path / "s" / "final")
+    assert cfg.data.data_seed == 3 and cfg.teacher.td3bc.seed == 3 and cfg.distill.seed == 3
+    spec2 = load_study(write_study(tmp_path), "hopper-random")
+    cfg2 = Sweep("hopper-random", spec2, tmp_path / "s2", None, show_progress=False).final_config(
+        "random", 3, tmp_path / "x"
+    )
+    assert cfg2.data.data_seed == 0 and cfg2.teacher.td3bc.seed == 0
