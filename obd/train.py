@@ -210,6 +210,9 @@ def run(
         if ckpt_path:
             log.info("resuming from %s", ckpt_path)
         own_loggers = loggers is None
+        csv_path = out / "logs" / "csv" / "metrics.csv"
+        # Lightning's CSV logger deletes an existing log: keep the earlier rows of a resumed run
+        earlier = _read_csv(csv_path) if ckpt_path and own_loggers else []
         if loggers is None:
             loggers = [CSVLogger(str(out), name="logs", version="csv")]
             if cfg.wandb:
@@ -248,6 +251,8 @@ def run(
         finally:
             if own_loggers:
                 finish(loggers)
+        if earlier:
+            _prepend_csv(csv_path, earlier)
         trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # the final state (with the final evaluation)
         if interrupt.hit:
             raise KeyboardInterrupt
@@ -276,6 +281,29 @@ def run(
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     return metrics
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import csv
+
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _prepend_csv(path: Path, earlier: list[dict]) -> None:
+    """One CSV log across invocations: the earlier rows, then this invocation's."""
+    import csv
+
+    rows = earlier + _read_csv(path)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
 
 
 # ------------------------------------------------------------------ command line

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -164,7 +165,7 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
             continue
         try:
             trials = trials_of(out, "avpbc")
-        except KeyError:
+        except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # no study yet, or the sweep is creating the schema
             continue
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         if len(done) >= 1 and any(t.state == TrialState.RUNNING for t in trials):
