@@ -83,6 +83,17 @@ def study(
 
     out["ranking_high_loss"], out["ranking_low_loss"] = ranking(first), ranking(last)
     out["flips"] = out["ranking_high_loss"] != out["ranking_low_loss"]
+
+    def separated(step: int) -> bool:
+        """Do neighbouring datasets in the ranking differ by more than twice their combined standard error?"""
+        lv = {d: next(x for x in v["levels"] if x["steps"] == step) for d, v in out["datasets"].items()}
+        order = ranking(step)
+        se = {d: lv[d]["std_over_policies"] / policies**0.5 for d in order}
+        return all(
+            lv[a]["score"] - lv[b]["score"] > 2 * (se[a] ** 2 + se[b] ** 2) ** 0.5 for a, b in zip(order, order[1:])
+        )
+
+    out["high_loss_ranking_resolved"], out["low_loss_ranking_resolved"] = separated(first), separated(last)
     return out
 
 
@@ -109,11 +120,14 @@ def write(res: dict, out: Path) -> None:
                         round(lv["score"], 2),
                     ]
                 )
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.3))
     for d, v in res["datasets"].items():
         xs = [lv["train_mse"] for lv in v["levels"]]
         ys = [lv["score"] for lv in v["levels"]]
-        ax.plot(xs, ys, marker="o", label=f"{d} (diversity {v['state_diversity_knn10']:.2f})")
+        err = [lv["std_over_policies"] / res["policies"] ** 0.5 for lv in v["levels"]]  # standard error
+        ax.errorbar(
+            xs, ys, yerr=err, marker="o", capsize=3, label=f"{d} (state diversity {v['state_diversity_knn10']:.2f})"
+        )
     ax.set_xscale("log")
     ax.invert_xaxis()
     ax.set_xlabel("training loss of the cloned policies (MSE on the subset, log scale; lower = better fit)")
@@ -168,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out or f"results/misalignment-{a.env}")
     write(res, out)
     verdict = "flips" if res["flips"] else "does not flip"
+    if not (res["high_loss_ranking_resolved"] and res["low_loss_ranking_resolved"]):
+        verdict += " (but at least one ranking is within 2 standard errors: not resolved by this many policies)"
     print(
         f"ranking at the highest loss ({steps[0]} steps): {' > '.join(res['ranking_high_loss'])}; at the lowest "
         f"({steps[-1]} steps): {' > '.join(res['ranking_low_loss'])}: the ranking {verdict}. {out / 'misalignment.png'}"
