@@ -42,7 +42,8 @@ def plot_returns(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(out: Path, methods: list[str], path: Path, task: str) -> None:
+def plot_curves(out: Path, methods: list[str], path: Path, task: str):
+    """Learning curves: one line per method (mean over seeds) with a +/- std band; returns the figure."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -63,9 +64,10 @@ def plot_curves(out: Path, methods: list[str], path: Path, task: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
-def plot_projection(out: Path, methods: list[str], path: Path, n: int = 20_000) -> bool:
+def plot_projection(out: Path, methods: list[str], path: Path, n: int = 20_000):
     """PCA of (normalized) real states, coloured by the cached log-density; one panel per method."""
     import matplotlib.pyplot as plt
     import numpy as np
@@ -76,7 +78,7 @@ def plot_projection(out: Path, methods: list[str], path: Path, n: int = 20_000) 
     runs = {m: _finals(out, m) for m in methods}
     runs = {m: r for m, r in runs.items() if r}
     if not runs:
-        return False
+        return None
     first = next(iter(runs.values()))[0]
     arts = first.get("artifacts") or {}
     sdw = next((r[0] for m, r in runs.items() if m == "sdw"), None)
@@ -128,7 +130,7 @@ def plot_projection(out: Path, methods: list[str], path: Path, n: int = 20_000) 
     fig.suptitle(f"{task.name}: real states (PCA of normalized states) and synthetic sets")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return True
+    return fig
 
 
 def write_report(out: str | Path) -> Path:
@@ -143,7 +145,7 @@ def write_report(out: str | Path) -> Path:
     methods = list(s["methods"])
     plot_returns(s, out / "returns.png")
     plot_curves(out, methods, out / "curves.png", s["task"])
-    has_proj = plot_projection(out, methods, out / "projection.png")
+    has_proj = plot_projection(out, methods, out / "projection.png") is not None
     pr = s["protocol"]
     teacher = s.get("teacher") or {}
     t_score = (teacher.get("normalized_return") or {}).get("mean")

@@ -49,29 +49,53 @@ def test_report_reads_the_runs_artifacts_and_never_recomputes(tmp_path, monkeypa
     cache.mkdir()
     np.savez(cache / "normalization.npz", mean=np.zeros(11, np.float32), std=np.ones(11, np.float32))
     np.save(cache / "logp.npy", np.linspace(-3, 0, 300))
-    run = tmp_path / "sweep" / "final" / "sdw" / "seed-1"
-    run.mkdir(parents=True)
-    (run / "metrics.json").write_text(
-        json.dumps(
-            {
+    for method, steps in (("sdw", [50, 100, 150]), ("avpbc", [50, 100, 150])):
+        for seed in (1, 2):
+            run = tmp_path / "sweep" / "final" / method / f"seed-{seed}"
+            run.mkdir(parents=True)
+            metrics = {
                 "task": task.name,
-                "seed": 1,
+                "seed": seed,
+                "history": [{"step": st, "score": float(st + seed)} for st in steps],
                 "artifacts": {
                     "dataset": str(path),
                     "normalization": str(cache / "normalization.npz"),
                     "log_density": str(cache / "logp.npy"),
                 },
             }
-        )
-    )
-    np.savez(run / "synthetic.npz", states=np.zeros((4, 11), np.float32), actions=np.zeros((4, 3), np.float32))
+            (run / "metrics.json").write_text(json.dumps(metrics))
+            np.savez(run / "synthetic.npz", states=np.zeros((4, 11), np.float32), actions=np.zeros((4, 3), np.float32))
 
     def refuse(*a, **k):
         raise AssertionError("the report recomputed the density")
 
     monkeypatch.setattr(obd.density, "log_density", refuse)
-    assert plot_projection(tmp_path / "sweep", ["sdw"], tmp_path / "p.png")
-    assert (tmp_path / "p.png").stat().st_size > 1000
+    fig = plot_projection(tmp_path / "sweep", ["sdw", "avpbc"], tmp_path / "p.png")
+    assert fig is not None and (tmp_path / "p.png").stat().st_size > 1000
+    # issue 13: every method visible in its own panel (SDW's points were hidden under Av-PBC's)
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["sdw", "avpbc"] and "synthetic sets" in fig.get_suptitle()
+
+
+def test_learning_curves_have_title_axes_and_a_band_per_method(tmp_path):
+    """Issue 13: curves.png was a single point with invisible lines and no title."""
+    import json
+
+    from matplotlib.collections import PolyCollection
+
+    from obd.report import plot_curves
+
+    for method in ("sdw", "avpbc"):
+        for seed in (1, 2):
+            run = tmp_path / "final" / method / f"seed-{seed}"
+            run.mkdir(parents=True)
+            hist = [{"step": st, "score": float(st / 10 + seed)} for st in (50, 100, 150)]
+            (run / "metrics.json").write_text(json.dumps({"seed": seed, "history": hist}))
+    fig = plot_curves(tmp_path, ["sdw", "avpbc"], tmp_path / "c.png", "hopper-random")
+    ax = fig.axes[0]
+    assert "hopper-random" in ax.get_title() and ax.get_xlabel() == "outer step" and ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["sdw (n=2)", "avpbc (n=2)"]
+    assert all(len(line.get_xdata()) == 3 and line.get_marker() == "o" for line in ax.get_lines())
+    assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 2  # a band over seeds per method
 
 
 @pytest.mark.slow
