@@ -214,6 +214,27 @@ def _run_config_dict(cfg: dict) -> dict:
     return run(merge(RunConfig(), cfg), show_progress=False)
 
 
+def run_configs(todo: dict, jobs: int, desc: str = "runs", show_progress: bool = True) -> dict:
+    """Run every config (key -> RunConfig as a dict) ``jobs`` at a time in spawned processes; key -> metrics."""
+    results: dict = {}
+    bar = tqdm(total=len(todo), desc=desc, unit="run", disable=not show_progress or not todo)
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_config_dict, c): k for k, c in todo.items()}
+            for f in as_completed(futures):
+                results[futures[f]] = f.result()
+                bar.update(1)
+    else:
+        for k, c in todo.items():
+            results[k] = _run_config_dict(c)
+            bar.update(1)
+    bar.close()
+    return results
+
+
 def _trial_worker(task: str, spec: dict, out: str, storage: str, method: str, jobs: int) -> None:
     """An extra trial process on the same storage (the study's trial target is shared)."""
     Sweep(task, spec, Path(out), storage, show_progress=False, jobs=jobs).optimize(method, wait_for_stale=False)
@@ -415,26 +436,13 @@ class Sweep:
                 results[seed] = m
             else:
                 todo[seed] = to_dict(cfg)
-        bar = tqdm(total=len(todo), desc=f"{method} finals", unit="run", disable=not self.show_progress or not todo)
         if self.batched and method in DISTILL_METHODS and todo:
             from obd.batched import run_batched
 
             done = run_batched([merge(RunConfig(), c) for c in todo.values()], show_progress=self.show_progress)
             results.update(zip(todo, done))
-        elif self.jobs > 1 and len(todo) > 1:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            with ProcessPoolExecutor(self.jobs, mp_context=mp.get_context("spawn")) as pool:
-                futures = {pool.submit(_run_config_dict, c): seed for seed, c in todo.items()}
-                for f in as_completed(futures):
-                    results[futures[f]] = f.result()
-                    bar.update(1)
         else:
-            for seed, c in todo.items():
-                results[seed] = _run_config_dict(c)
-                bar.update(1)
-        bar.close()
+            results.update(run_configs(todo, self.jobs, f"{method} finals", self.show_progress))
         for seed in sorted(results):
             log.info("%s final seed %d: %.1f", method, seed, results[seed]["score"])
         return {seed: results[seed] for seed in sorted(results)}
@@ -552,10 +560,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     from obd.data import get_task
+    from obd.tracking import setup_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    for noisy in ("lightning", "lightning.pytorch", "lightning_fabric", "lightning.pytorch.utilities.rank_zero"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     task = get_task(a.task).name
     spec = load_study(

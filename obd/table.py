@@ -67,10 +67,9 @@ def run_all(
     batched: bool = False,
 ) -> dict[tuple[str, str, int], dict]:
     """Every (task, method, seed) run; finished ones are read back, the rest run ``jobs`` at a time."""
-    from tqdm.auto import tqdm
 
     from obd.config import build_config, to_dict
-    from obd.sweep import _run_config_dict, comparable, config_difference
+    from obd.sweep import comparable, config_difference, run_configs
     from obd.targets import prepare_targets
 
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
@@ -116,21 +115,7 @@ def run_all(
             if keys:
                 done = run_batched([merge(RunConfig(), todo.pop(k)) for k in keys])
                 results.update(zip(keys, done))
-    bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not todo)
-    if jobs > 1 and len(todo) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_config_dict, c): k for k, c in todo.items()}
-            for f in as_completed(futures):
-                results[futures[f]] = f.result()
-                bar.update(1)
-    else:
-        for k, c in todo.items():
-            results[k] = _run_config_dict(c)
-            bar.update(1)
-    bar.close()
+    results.update(run_configs(todo, jobs))
     return results
 
 
@@ -293,10 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     from obd.config import METHODS, budget_names, read_yaml
     from obd.data import get_task
+    from obd.tracking import setup_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    for noisy in ("lightning", "lightning.pytorch", "lightning_fabric", "lightning.pytorch.utilities.rank_zero"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     tasks = [get_task(t).name for t in a.tasks.split(",")]
     methods = a.methods.split(",")
     bad = [m for m in methods if m not in METHODS]

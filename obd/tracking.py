@@ -11,6 +11,29 @@ import platform
 import subprocess
 from pathlib import Path
 
+NOISY_LOGGERS = (
+    "lightning",
+    "lightning.pytorch",
+    "lightning_fabric",
+    "lightning.pytorch.utilities.rank_zero",
+    "faiss.loader",
+)
+
+
+def setup_logging() -> None:
+    """INFO for obd's own messages; libraries' device notes and tips only when they are warnings."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    import logging
+
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
 
 def wandb_mode() -> str:
     """``WANDB_MODE`` when set; else online when credentials exist (env or ~/.netrc), offline otherwise."""

@@ -158,14 +158,9 @@ def run(
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
-    for noisy in (
-        "lightning",
-        "lightning.pytorch",
-        "lightning_fabric",
-        "lightning.pytorch.utilities.rank_zero",
-        "faiss.loader",
-    ):
-        logging.getLogger(noisy).setLevel(logging.WARNING)  # device notes and tips, once per run
+    from obd.tracking import quiet_libraries
+
+    quiet_libraries()  # device notes and tips, once per run (also in worker processes)
     torch.set_num_threads(cfg.threads)
     method, seed = cfg.distill.method, cfg.distill.seed
     out = Path(cfg.out) if cfg.out else default_out(cfg)
@@ -407,9 +402,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    for noisy in ("lightning", "lightning.pytorch", "lightning_fabric"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from obd.tracking import setup_logging
+
+    setup_logging()
     cfg = config_from_args(args)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg.out = str(out)
