@@ -237,6 +237,10 @@ def run_configs(todo: dict, jobs: int, desc: str = "runs", show_progress: bool =
 
 def _trial_worker(task: str, spec: dict, out: str, storage: str, method: str, jobs: int) -> None:
     """An extra trial process on the same storage (the study's trial target is shared)."""
+    from obd.tracking import quiet_libraries
+
+    quiet_libraries()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     Sweep(task, spec, Path(out), storage, show_progress=False, jobs=jobs).optimize(method, wait_for_stale=False)
 
 

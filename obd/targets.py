@@ -111,9 +111,7 @@ class Targets:
         if method == "pbc":
             return self.teacher_actions, torch.ones(n)
         q_w = beta * self.q
-        if (q_w < 0).any():
-            log.warning("%.1f%% of beta*Q weights are negative; clamped at 0", 100 * float((q_w < 0).float().mean()))
-            q_w = q_w.clamp_min(0)
+        q_w = q_w.clamp_min(0)  # negative Q would reverse the imitation; metrics.json records how many (q_stats)
         if method == "avpbc":
             return self.teacher_actions, q_w
         return self.teacher_actions, q_w * self.density_weights(density)
@@ -146,6 +144,7 @@ class Targets:
                 "std": float(q.std()),
                 "min": float(q.min()),
                 "max": float(q.max()),
+                "negative_fraction": float((q < 0).double().mean()),  # clamped to weight 0 in Av-PBC / SDW
             }
         if method != "random":
             _, w = self.targets_and_weights(method, beta, density)
