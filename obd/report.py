@@ -59,7 +59,7 @@ def plot_curves(out: Path, methods: list[str], path: Path, task: str):
         ax.fill_between(steps, mu - sd, mu + sd, color=COLORS.get(m), alpha=0.2)
     ax.set_xlabel("outer step")
     ax.set_ylabel("normalized return")
-    ax.set_title(f"{task}: evaluations during distillation (mean +/- std over seeds)")
+    ax.set_title(f"{task}: evaluations during distillation\n(mean +/- std over seeds)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -154,6 +154,7 @@ def write_report(out: str | Path) -> Path:
         "",
         f"Dataset: {s['transitions']:,} transitions, behaviour score {s['behaviour_score']:.1f}. "
         f"Teacher: {teacher.get('kind', '-')} scoring {t_score:.1f}"
+        + (f" (CORL's TD3+BC on D4RL: {teacher['corl_td3bc_score']})" if teacher.get("corl_td3bc_score") else "")
         if t_score is not None
         else f"Dataset: {s['transitions']:,} transitions, behaviour score {s['behaviour_score']:.1f}.",
         "",
@@ -175,7 +176,11 @@ def write_report(out: str | Path) -> Path:
         "| comparison | mean paired difference | 95% paired t CI | Wilcoxon p | 95% Welch CI | verdict |",
         "|---|---|---|---|---|---|",
     ]
-    for name, c in s["comparisons"].items():
+    evals = max((len(r["history"]) for m in methods for r in _finals(out, m)), default=0)
+    final = s.get("comparisons_final_evaluation", {})
+    rows = [(name, c) for name, c in s["comparisons"].items()]
+    rows += [(f"{name}, final evaluation only", c) for name, c in final.items()]
+    for name, c in rows:
         ci, wci = c.get("paired_t_ci"), c.get("welch_ci")
         fmt = lambda v: f"[{v[0]:+.1f}, {v[1]:+.1f}]" if v else "-"  # noqa: E731
         wp = f"{c['wilcoxon_p']:.3f}" if "wilcoxon_p" in c else "-"
@@ -183,6 +188,12 @@ def write_report(out: str | Path) -> Path:
             f"| {name} | {c['mean_difference']:+.1f} ({c['n_pairs']} seeds) | {fmt(ci)} | {wp} | "
             f"{fmt(wci)} | {c['verdict']} |"
         )
+    if evals and evals <= pr["last_k"]:
+        lines += [
+            "",
+            f"At this budget a run has {evals} evaluations, so its last-{pr['last_k']} score averages the "
+            "whole run, early evaluations included; the final-evaluation rows compare the sets at the end.",
+        ]
     lines += ["", "Best configurations:", ""]
     lines += [f"- {m}: `{json.dumps(r['best_params'])}`" for m, r in s["methods"].items() if "best_params" in r]
     lines += ["", "![normalized return per method](returns.png)", "", "![learning curves](curves.png)"]

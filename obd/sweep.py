@@ -178,7 +178,7 @@ def config_difference(a: dict, b: dict, where: str = "") -> str | None:
     return None
 
 
-IGNORED_IN_COMPARISON = ("out", "wandb", "wandb_group", "wandb_project", "threads")
+IGNORED_IN_COMPARISON = ("out", "wandb", "wandb_group", "wandb_project", "threads", "device")
 
 
 def comparable(cfg: dict) -> dict:
@@ -272,7 +272,7 @@ class Sweep:
         """What a study's trials depend on: a stored study made from another definition is refused."""
         return {
             "budget": self.spec["budget"],
-            "fixed": self.spec.get("fixed") or {},
+            "fixed": comparable(self.spec.get("fixed") or {}),  # W&B, threads, device: not what trials depend on
             "search": self.space(method),
             "sampler_seed": self.spec.get("sampler_seed", 0),
             "pruner": self.spec.get("pruner") or {},
@@ -483,9 +483,15 @@ class Sweep:
             "comparisons": {},
         }
         main_m = self.spec["methods"][0]
+        final = {m: {int(sd): r["final_score"] for sd, r in runs.items()} for m, runs in finals.items()}
+        summary["comparisons_final_evaluation"] = {}
         for other in [m for m in finals if m != main_m]:
             summary["comparisons"][f"{main_m} - {other}"] = paired_comparison(
                 rows[main_m]["per_seed"], rows[other]["per_seed"]
+            )
+            # the final evaluation alone: at short budgets the last-K window spans the whole run
+            summary["comparisons_final_evaluation"][f"{main_m} - {other}"] = paired_comparison(
+                final[main_m], final[other]
             )
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         return summary

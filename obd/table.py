@@ -165,6 +165,19 @@ def build_table(
                 n_pairs=c["n_pairs"],
                 verdict=c["verdict"],
             )
+            # the final evaluation alone: at short budgets the last-K window spans the whole run
+            fin = {
+                m: {s: r["final_score"] for (t, mm, s), r in results.items() if t == task and mm == m}
+                for m in ("sdw", "avpbc")
+            }
+            cf = paired_comparison(fin["sdw"], fin["avpbc"])
+            row.update(
+                final_sdw_minus_avpbc=round(cf["mean_difference"], 2) if cf["n_pairs"] else None,
+                final_ci_low=round(cf["paired_t_ci"][0], 2) if "paired_t_ci" in cf else None,
+                final_ci_high=round(cf["paired_t_ci"][1], 2) if "paired_t_ci" in cf else None,
+                final_verdict=cf["verdict"],
+                evaluations_per_run=len(any_run["history"]),
+            )
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
     if rows:
@@ -182,6 +195,13 @@ def _fmt(mean: float | None, std: float | None) -> str:
     return "-" if mean is None else f"{mean:.1f} +/- {std:.1f}" if std is not None else f"{mean:.1f}"
 
 
+def _diff(r: dict, prefix: str) -> str:
+    if r.get(f"{prefix}sdw_minus_avpbc") is None:
+        return "-"
+    lo, hi = r.get(f"{prefix}ci_low"), r.get(f"{prefix}ci_high")
+    return f"{r[f'{prefix}sdw_minus_avpbc']:+.1f}" + (f" [{lo:+.1f}, {hi:+.1f}]" if lo is not None else "")
+
+
 def markdown(rows: list[dict], methods: list[str]) -> str:
     head = [
         "dataset",
@@ -190,15 +210,13 @@ def markdown(rows: list[dict], methods: list[str]) -> str:
         *methods,
         "SDW - Av-PBC (paired, 95% t CI)",
         "Wilcoxon p",
+        "SDW - Av-PBC, final evaluation only",
         "published Av-PBC",
         "published SDW",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        diff = "-"
-        if r.get("sdw_minus_avpbc") is not None:
-            ci = f" [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]" if r.get("ci_low") is not None else ""
-            diff = f"{r['sdw_minus_avpbc']:+.1f}{ci}"
+        diff = _diff(r, "")
         cells = [
             r["task"],
             f"{r['behaviour_score']:.1f}",
@@ -206,6 +224,7 @@ def markdown(rows: list[dict], methods: list[str]) -> str:
             *(_fmt(r[f"{m}_mean"], r[f"{m}_std"]) + f" (n={r[f'{m}_n']})" for m in methods),
             diff,
             f"{r['wilcoxon_p']:.3f}" if r.get("wilcoxon_p") is not None else "-",
+            _diff(r, "final_"),
             f"{r['published_avpbc']}" if r["published_avpbc"] is not None else "-",
             f"{r['published_sdw']}" if r["published_sdw"] is not None else "-",
         ]
