@@ -265,11 +265,22 @@ def plot(rows: list[dict], path: Path) -> None:
         label="Av-PBC (published, D4RL)",
         zorder=3,
     )
+    sdw_pub = [r["published_sdw"] for r in rows]
+    if any(p is not None for p in sdw_pub):
+        ax.scatter(
+            x + 0.2,
+            [p if p is not None else np.nan for p in sdw_pub],
+            marker="_",
+            s=400,
+            color="darkred",
+            label="SDW (published, D4RL)",
+            zorder=3,
+        )
     if "random_mean" in rows[0]:
         ax.scatter(x, [r["random_mean"] for r in rows], marker="x", color="gray", label="random pairs (ours)", zorder=3)
     ax.set_xticks(x, [r["task"] for r in rows], rotation=20, ha="right")
     ax.set_ylabel("normalized return")
-    ax.set_title(f"256 distilled pairs, budget {rows[0]['budget']}: mean +/- std over seeds")
+    ax.set_title(f"256 distilled pairs, budget {rows[0]['budget']}\nmean +/- std over seeds", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
