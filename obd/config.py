@@ -33,7 +33,7 @@ GradFn = Literal["fast", "unrolled"]
 # official: orthogonal with gain sqrt(2) on every layer, head included, zero biases (the OBD code's
 # init_module_weights); corl: the same with gain 1e-2 on the head (a newer CORL habit).
 PolicyInit = Literal["official", "corl"]
-DensityEstimator = Literal["knn-kde"]
+DensityEstimator = Literal["knn-kde", "kde"]  # kde: the untruncated kernel sum (an ablation; O(N x n_ref))
 Device = Literal["auto", "cpu", "cuda"]  # auto: cuda when available
 
 

@@ -70,7 +70,13 @@ def knn_sq_distances(
 
 
 def log_density(states: np.ndarray, cfg: DensityConfig) -> np.ndarray:
-    """log p(s) up to an additive constant for each row of ``states`` (N, d) -> (N,) float64."""
+    """log p(s) up to an additive constant for each row of ``states`` (N, d) -> (N,) float64.
+
+    ``knn-kde`` truncates the kernel sum to the k nearest reference states; ``kde`` sums over every
+    reference state (exact for the reference set; O(N x n_ref), so keep ``max_reference`` modest), the
+    untruncated ablation of the same estimator. A query's own copy in the reference set is left out."""
+    if cfg.estimator == "kde":
+        return _full_kde_log_density(states, cfg)
     n, d = states.shape
     rng = np.random.default_rng(derive_seed(cfg.seed, "density-reference"))
     if n > cfg.max_reference:
@@ -89,6 +95,26 @@ def log_density(states: np.ndarray, cfg: DensityConfig) -> np.ndarray:
     z = -dist.astype(np.float64) / (2 * h * h)
     zmax = z.max(1, keepdims=True)
     return (zmax + np.log(np.exp(z - zmax).sum(1, keepdims=True)))[:, 0]
+
+
+def _full_kde_log_density(states: np.ndarray, cfg: DensityConfig, chunk: int = 2048) -> np.ndarray:
+    n, d = states.shape
+    rng = np.random.default_rng(derive_seed(cfg.seed, "density-reference"))
+    ref_idx = np.sort(rng.choice(n, cfg.max_reference, replace=False)) if n > cfg.max_reference else np.arange(n)
+    x = torch.from_numpy(np.ascontiguousarray(states, dtype=np.float64))
+    ref = x[ref_idx]
+    h = cfg.bandwidth or ref.shape[0] ** (-1.0 / (d + 4))
+    pos = torch.full((n,), -1, dtype=torch.long)
+    pos[torch.from_numpy(ref_idx)] = torch.arange(len(ref_idx))
+    out = np.empty(n)
+    for start in range(0, n, chunk):
+        q = x[start : start + chunk]
+        z = -torch.cdist(q, ref).square_() / (2 * h * h)
+        own = pos[start : start + chunk]
+        rows = torch.nonzero(own >= 0).squeeze(1)
+        z[rows, own[rows]] = -torch.inf  # leave each query's own copy out, as the k-NN estimate does
+        out[start : start + len(q)] = torch.logsumexp(z, dim=1).numpy()
+    return out
 
 
 def weights_from_log_density(logp: np.ndarray, alpha: float, clip: float | None) -> np.ndarray:

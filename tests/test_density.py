@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from obd.config import DensityConfig
-from obd.density import density_weights, knn_sq_distances
+from obd.density import density_weights, knn_sq_distances, log_density
 
 
 def mixture(n_common=3000, n_rare=60, d=6, seed=0):
@@ -44,3 +44,18 @@ def test_knn_excludes_self():
     x = np.array([[0.0], [1.0], [3.0]], np.float32)
     d = knn_sq_distances(x, x, 1, exclude_self=True)
     np.testing.assert_allclose(d[:, 0], [1.0, 1.0, 4.0])
+
+
+def test_untruncated_kde_sits_behind_the_same_interface():
+    """Issue 10: the k-NN truncation can be ablated. With k = all other points the truncated estimate is
+    the full kernel sum, and both rank a rare cluster's states as less dense."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (300, 3)), rng.normal(8, 3.0, (10, 3))]).astype(np.float32)
+    full = log_density(x, DensityConfig(estimator="kde"))
+    knn_all = log_density(x, DensityConfig(k=len(x) - 1))
+    np.testing.assert_allclose(full, knn_all, rtol=1e-4, atol=1e-4)
+    trunc = log_density(x, DensityConfig(k=5))
+    for est in (full, trunc):
+        assert est[300:].mean() < est[:300].mean()
+    w = density_weights(x, DensityConfig(estimator="kde", alpha=1.0))
+    assert w[300:].mean() > w[:300].mean()
