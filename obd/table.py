@@ -255,27 +255,21 @@ def plot(rows: list[dict], path: Path) -> None:
                 alpha=0.75,
                 label=f"{m} (ours)",
             )
-    pub = [r["published_avpbc"] for r in rows]
-    ax.scatter(
-        x - 0.2,
-        [p if p is not None else np.nan for p in pub],
-        marker="_",
-        s=400,
-        color="k",
-        label="Av-PBC (published, D4RL)",
-        zorder=3,
-    )
-    sdw_pub = [r["published_sdw"] for r in rows]
-    if any(p is not None for p in sdw_pub):
-        ax.scatter(
-            x + 0.2,
-            [p if p is not None else np.nan for p in sdw_pub],
-            marker="_",
-            s=400,
-            color="darkred",
-            label="SDW (published, D4RL)",
-            zorder=3,
-        )
+    for key, off, color, label in (
+        ("published_avpbc", -0.2, "k", "Av-PBC (published, D4RL)"),
+        ("published_sdw", 0.2, "darkred", "SDW (published, D4RL)"),
+    ):
+        pub = [r[key] for r in rows]
+        if any(p is not None for p in pub):
+            ax.scatter(
+                x + off,
+                [p if p is not None else np.nan for p in pub],
+                marker="_",
+                s=400,
+                color=color,
+                label=label,
+                zorder=3,
+            )
     if "random_mean" in rows[0]:
         ax.scatter(x, [r["random_mean"] for r in rows], marker="x", color="gray", label="random pairs (ours)", zorder=3)
     ax.set_xticks(x, [r["task"] for r in rows], rotation=20, ha="right")

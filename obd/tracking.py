@@ -6,6 +6,7 @@ W&B's mode is decided here only (:func:`wandb_mode`); its console output is sile
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -95,7 +96,9 @@ def finish(loggers: list) -> None:
             lg.experiment.finish()
 
 
+@functools.lru_cache(maxsize=1)
 def versions() -> dict:
+    """Package versions and the git commit, computed once per process (a git call and imports)."""
     import faiss
     import gymnasium
     import lightning

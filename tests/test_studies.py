@@ -19,13 +19,12 @@ TINY = {
 }
 
 
-@pytest.mark.slow
-def test_table_runs_every_cell_once_and_rebuilds(tmp_path, capsys):
-    from obd.table import main
-
+def table_args(tmp_path, *extra: str) -> list[str]:
+    """obd.table on hopper-random, 2 seeds x random/avpbc/sdw at the tiny config above."""
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(TINY))
-    args = [
+    if not cfg.exists():
+        cfg.write_text(yaml.safe_dump(TINY))
+    return [
         "--tasks",
         "hopper-random",
         "--methods",
@@ -40,7 +39,16 @@ def test_table_runs_every_cell_once_and_rebuilds(tmp_path, capsys):
         "1",
         "--out",
         str(tmp_path / "res"),
+        *extra,
     ]
+
+
+@pytest.mark.slow
+def test_table_runs_every_cell_once_and_rebuilds(tmp_path, capsys):
+    from obd.table import main
+
+    args = table_args(tmp_path)
+    cfg = tmp_path / "tiny.yaml"
     assert main(args) == 0
     rows = list(csv.DictReader(open(tmp_path / "res" / "table.csv")))
     assert len(rows) == 1 and rows[0]["task"] == "hopper-random" and rows[0]["sdw_n"] == "2"
@@ -102,30 +110,7 @@ def test_misalignment_study_end_to_end(tmp_path):
 def test_table_batched_engine(tmp_path):
     from obd.table import main
 
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(TINY))
-    assert (
-        main(
-            [
-                "--tasks",
-                "hopper-random",
-                "--methods",
-                "random,avpbc,sdw",
-                "--seeds",
-                "0-1",
-                "--budget",
-                "smoke",
-                "--config",
-                str(cfg),
-                "--jobs",
-                "1",
-                "--batched",
-                "--out",
-                str(tmp_path / "res"),
-            ]
-        )
-        == 0
-    )
+    assert main(table_args(tmp_path, "--batched")) == 0
     m = json.loads((tmp_path / "res" / "runs" / "hopper-random" / "sdw-s1" / "metrics.json").read_text())
     assert m["engine"] == "batched" and m["seed"] == 1 and m["history"]
     rows = list(csv.DictReader(open(tmp_path / "res" / "table.csv")))
