@@ -16,6 +16,8 @@ steps (K,) ints. Everything stays on the inputs' device.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
 
@@ -94,16 +96,27 @@ def outer_loss_batched(params: Params, obs: Tensor, target: Tensor, weight: Tens
 
 
 def outer_grad_batched(
-    S: Tensor, A: Tensor, params0: Params, obs: Tensor, target: Tensor, weight: Tensor, steps: Tensor, lr: Tensor
+    S: Tensor,
+    A: Tensor,
+    params0: Params,
+    obs: Tensor,
+    target: Tensor,
+    weight: Tensor,
+    steps: Tensor,
+    lr: Tensor,
+    max_steps: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(L_out (K,), dL/dS (K, n, d), dL/dA (K, n, a)) of K independent runs; see the module docstring."""
+    """(L_out (K,), dL/dS (K, n, d), dL/dA (K, n, a)) of K independent runs; see the module docstring.
+    ``max_steps``: max(steps) when known on the host (then nothing here waits for the device, as a
+    CUDA-graph capture requires)."""
     S, A = S.detach(), A.detach()
     L = len(params0) // 2
     n, a = A.shape[1], A.shape[2]
     c = 2.0 / (n * a)
-    T = int(steps.max())
+    T = int(steps.max()) if max_steps is None else max_steps
     steps = steps.to(S.device)
-    scale = [(lr.to(S.device, S.dtype) * (t < steps).to(S.dtype)).view(-1, 1, 1) for t in range(T)]
+    live = torch.arange(T, device=S.device).view(-1, 1) < steps.view(1, -1)  # (T, K): run k still training
+    scale = [(lr.to(S.device, S.dtype) * live[t].to(S.dtype)).view(-1, 1, 1) for t in range(T)]
     tape = []
     p = [q.detach() for q in params0]
     for t in range(T):
@@ -124,18 +137,78 @@ def outer_grad_batched(
     return losses.detach(), gS, gA
 
 
+def outer_grad_runs(
+    S: Tensor,
+    A: Tensor,
+    params0: Params,
+    obs: Tensor,
+    target: Tensor,
+    weight: Tensor,
+    steps: Tensor,
+    lr: Tensor,
+    engine: str = "auto",
+    graphed: Callable[..., tuple[Tensor, ...]] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The K runs' outer gradients by ``engine``: "bmm" (:func:`outer_grad_batched`, one batched
+    computation) or "loop" (each run by the single-run :func:`obd.distill.outer_grad_fast`, whose
+    preallocated tape serves every run of the same shape). "auto": bmm on CUDA, where one run cannot
+    fill the card; loop on CPU, where a run's 256^3 products already keep the cores busy and the
+    batched tensors only add memory traffic (``make bench`` prints both). Same arguments and results.
+    ``graphed``: :class:`obd.cuda_graphs.Graphed` of :func:`outer_grad_batched` (bmm on CUDA)."""
+    if engine == "auto":
+        engine = "bmm" if S.device.type == "cuda" else "loop"
+    if engine == "bmm":
+        T = int(steps.max())
+        if graphed is not None:
+            return graphed(S, A, params0, obs, target, weight, steps.to(S.device), lr.to(S.device), T)  # type: ignore[return-value]
+        return outer_grad_batched(S, A, params0, obs, target, weight, steps, lr, T)
+    if engine != "loop":
+        raise ValueError(f"unknown engine {engine!r}; choose auto, bmm or loop")
+    from obd.distill import outer_grad_fast
+
+    out = []
+    for k in range(S.shape[0]):
+        p = [q[k] if i % 2 == 0 else q[k, 0] for i, q in enumerate(params0)]
+        out.append(outer_grad_fast(S[k], A[k], p, obs[k], target[k], weight[k], int(steps[k]), float(lr[k])))
+    loss, gS, gA = zip(*out)
+    return torch.stack(loss), torch.stack(gS), torch.stack(gA)
+
+
 # ------------------------------------------------------------------ K runs advanced together
 
 
-def run_batched(cfgs: list, show_progress: bool = True, dtype: torch.dtype = torch.float32) -> list[dict]:
+def run_batched(
+    cfgs: list, show_progress: bool = True, dtype: torch.dtype = torch.float32, engine: str = "auto"
+) -> list[dict]:
+    """K distillation runs advanced together (:func:`advance_batched` without listeners); their metrics."""
+    done = advance_batched(cfgs, show_progress=show_progress, dtype=dtype, engine=engine)
+    for r in done:
+        if isinstance(r, BaseException):  # only a listener stops a run; there are none here
+            raise r
+    return done  # type: ignore[return-value]
+
+
+def advance_batched(
+    cfgs: list,
+    listeners: Sequence[Sequence[Callable[[int, float], None]]] | None = None,
+    show_progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+    engine: str = "auto",
+) -> list[dict | Exception]:
     """K distillation runs of one dataset advanced in one batched outer iteration per step.
 
     Each run keeps what :func:`obd.train.run` gives it: its own synthetic set, optimizer (SGD or Adam,
     gradient-norm clip per run), inner-loop inits and outer batches keyed by (seed, step), evaluations
     with the published protocol, ``OUT/checkpoints/batched.pt`` (resumable per run: runs at different
-    steps share a batch), ``metrics.json`` and ``synthetic.npz``. Runs may differ in method, seed,
-    inner learning rate, inner steps (masked to the maximum), outer optimizer and outer steps; they
-    must share the dataset, the number of synthetic pairs, the policy and the real-batch size.
+    steps share a batch), ``metrics.json``, ``synthetic.npz`` and, with ``wandb`` on, its own W&B run
+    (resumed with the run). Runs may differ in method, seed, inner learning rate, inner steps (masked
+    to the maximum), outer optimizer and outer steps; they must share the dataset, the number of
+    synthetic pairs, the policy and the real-batch size.
+
+    ``listeners[k]`` are called with (outer step, normalized return) after each of run k's
+    evaluations; one that raises stops run k alone: it is dropped from the batch with its checkpoint
+    saved, and the exception takes its place in the returned list (an Optuna trial pruned this way
+    is reported pruned by :mod:`obd.sweep`). ``engine``: see :func:`outer_grad_runs`.
     """
     import json
     import time
@@ -151,7 +224,7 @@ def run_batched(cfgs: list, show_progress: bool = True, dtype: torch.dtype = tor
     from obd.evaluate import evaluate_synthetic, save_synthetic, summarize_history
     from obd.seeding import derive_seed
     from obd.targets import prepare_targets
-    from obd.tracking import versions
+    from obd.tracking import versions, wandb_init
 
     if not cfgs:
         return []
@@ -221,6 +294,28 @@ def run_batched(cfgs: list, show_progress: bool = True, dtype: torch.dtype = tor
                 self.opt.load_state_dict(st["opt"])
                 self.step, self.history = int(st["step"]), json.loads(st["history"])
                 self.seconds_before = float(st["seconds"])
+            self.listeners: list[Callable[[int, float], None]] = []
+            self.stopped: Exception | None = None
+            self.wandb = self.start_wandb(resume=self.ckpt.is_file()) if cfg.wandb else None
+
+        def start_wandb(self, resume: bool):
+            """This run's own W&B run (several live in one process); a resumed run continues its own."""
+            id_file = self.out / "wandb-run-id"
+            run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+            c = self.cfg
+            run = wandb_init(
+                project=c.wandb_project,
+                group=c.wandb_group,
+                name=f"{task.name}-{c.distill.method}-s{c.distill.seed}",
+                dir=str(self.out),
+                config={"config": to_dict(c), "versions": versions(), "engine": "batched"},
+                tags=[task.name, c.distill.method, "batched"],
+                id=run_id,
+                resume="allow" if run_id else None,
+                reinit="create_new",
+            )
+            id_file.write_text(run.id)
+            return run
 
         def save(self) -> None:
             self.ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -251,49 +346,83 @@ def run_batched(cfgs: list, show_progress: bool = True, dtype: torch.dtype = tor
                 seed=derive_seed(self.cfg.distill.seed, "evaluation", self.step),
             )
             self.history.append({"step": self.step, **res})
+            if self.wandb is not None:
+                self.wandb.log(
+                    {
+                        "normalized_return": res["score"],
+                        "normalized_return_std_over_policies": res["std_over_policies"],
+                    },
+                    step=self.step,
+                )
+            for listen in self.listeners:
+                try:
+                    listen(self.step, res["score"])
+                except Exception as e:  # this run stops; the others go on
+                    self.stopped = e
+                    return
 
+        def finish_wandb(self) -> None:
+            if self.wandb is not None:
+                self.wandb.finish()
+                self.wandb = None
+
+    graphed = None
+    if device.type == "cuda" and first.distill.cuda_graph:
+        from obd.cuda_graphs import Graphed
+
+        graphed = Graphed(outer_grad_batched)  # recaptured when the batch changes (a run ends or is dropped)
     runs = [Run(c) for c in cfgs]
+    for r, ls in zip(runs, listeners or [[] for _ in runs]):
+        r.listeners, r.stopped = list(ls), None
     active = [r for r in runs if r.step < r.cfg.outer_steps]
     total = sum(r.cfg.outer_steps - r.step for r in active)
     bar = tqdm(total=total, desc=f"{len(runs)} runs, batched", unit="run-step", disable=not show_progress)
-    while active:
-        inits = []
-        for r in active:
-            gen = torch.Generator().manual_seed(derive_seed(r.cfg.distill.seed, "inner-init", r.step))
-            inits.append(
-                [
-                    q.to(device, dtype)
-                    for q in init_policy(task.obs_dim, task.act_dim, r.cfg.distill.hidden, gen, r.cfg.distill.init)
-                ]
+    try:
+        while active:
+            inits = []
+            for r in active:
+                gen = torch.Generator().manual_seed(derive_seed(r.cfg.distill.seed, "inner-init", r.step))
+                inits.append(
+                    [
+                        q.to(device, dtype)
+                        for q in init_policy(task.obs_dim, task.act_dim, r.cfg.distill.hidden, gen, r.cfg.distill.init)
+                    ]
+                )
+            obs, tgt, w = (torch.stack(x).to(dtype) for x in zip(*(r.batches.batch(r.step) for r in active)))
+            _, gS, gA = outer_grad_runs(
+                torch.stack([r.S.detach() for r in active]),
+                torch.stack([r.A.detach() for r in active]),
+                stack_params(inits),
+                obs,
+                tgt,
+                w,
+                torch.tensor([r.cfg.distill.inner_steps for r in active]),
+                torch.tensor([r.cfg.distill.inner_lr for r in active], dtype=dtype),
+                engine,
+                graphed,
             )
-        obs, tgt, w = (torch.stack(x).to(dtype) for x in zip(*(r.batches.batch(r.step) for r in active)))
-        _, gS, gA = outer_grad_batched(
-            torch.stack([r.S.detach() for r in active]),
-            torch.stack([r.A.detach() for r in active]),
-            stack_params(inits),
-            obs,
-            tgt,
-            w,
-            torch.tensor([r.cfg.distill.inner_steps for r in active]),
-            torch.tensor([r.cfg.distill.inner_lr for r in active], dtype=dtype),
-        )
-        for k, r in enumerate(active):
-            r.opt.zero_grad()
-            r.S.grad, r.A.grad = gS[k].clone(), gA[k].clone()
-            torch.nn.utils.clip_grad_norm_([r.S, r.A], r.cfg.distill.grad_clip)
-            r.opt.step()
-            r.step += 1
-            if r.cfg.eval_every and r.step % r.cfg.eval_every == 0:
-                r.evaluate()
-            if r.step % r.cfg.checkpoint_every == 0 or r.step == r.cfg.outer_steps:
-                if r.step == r.cfg.outer_steps:
+            for k, r in enumerate(active):
+                r.opt.zero_grad()
+                r.S.grad, r.A.grad = gS[k].clone(), gA[k].clone()
+                torch.nn.utils.clip_grad_norm_([r.S, r.A], r.cfg.distill.grad_clip)
+                r.opt.step()
+                r.step += 1
+                last = r.step == r.cfg.outer_steps
+                if (r.cfg.eval_every and r.step % r.cfg.eval_every == 0) or last:
                     r.evaluate()
-                r.save()
-        bar.update(len(active))
-        active = [r for r in active if r.step < r.cfg.outer_steps]
-    bar.close()
-    out = []
+                if r.step % r.cfg.checkpoint_every == 0 or last or r.stopped:
+                    r.save()
+            bar.update(len(active))
+            active = [r for r in active if r.step < r.cfg.outer_steps and not r.stopped]
+    finally:
+        bar.close()
+        for r in runs:
+            r.finish_wandb()
+    out: list[dict | Exception] = []
     for r in runs:
+        if r.stopped:
+            out.append(r.stopped)
+            continue
         r.evaluate()
         c, k = r.cfg, r.cfg.eval.k_for(r.cfg.distill.method)
         save_synthetic(

@@ -150,29 +150,66 @@ def bench_sac(n: int) -> tuple[float, float]:
     return res[0], res[1]
 
 
-def bench_batched(device: torch.device, ks: tuple[int, ...] = (1, 8, 32), repeat: int = 2) -> dict[str, float]:
-    """Seconds per run per outer iteration (published sizes) when K runs advance in one batched iteration."""
-    from obd.batched import outer_grad_batched, stack_params
+def _published_batch(device: torch.device, k: int) -> tuple:
+    """K runs' inputs at the published sizes (256 pairs, 3x256 policy, T = 100, 10 x 256 real states)."""
+    from obd.batched import stack_params
+
+    g = torch.Generator().manual_seed(0)
+    S = torch.randn(k, 256, 17, generator=g).to(device)
+    A = (torch.rand(k, 256, 6, generator=g) * 2 - 1).to(device)
+    p0 = [q.to(device) for q in stack_params([init_policy(17, 6, (256, 256, 256), g) for _ in range(k)])]
+    obs, tgt = torch.randn(k, 2560, 17, generator=g).to(device), torch.rand(k, 2560, 6, generator=g).to(device)
+    w = torch.rand(k, 2560, generator=g).to(device)
+    return S, A, p0, obs, tgt, w, torch.full((k,), 100), torch.full((k,), 0.1)
+
+
+def bench_batched(
+    device: torch.device, ks: tuple[int, ...] = (1, 8, 32), repeat: int = 2, engine: str = "auto"
+) -> dict[str, float]:
+    """Seconds per run per outer iteration (published sizes) when K runs advance together, by the engine
+    the runs use (``auto``: a loop of single-run passes on CPU, batched bmm as a CUDA graph on CUDA) or
+    by ``bmm`` (eager, any device)."""
+    from obd.batched import outer_grad_batched, outer_grad_runs
 
     out: dict[str, float] = {}
     for k in ks:
-        g = torch.Generator().manual_seed(0)
-        S = torch.randn(k, 256, 17, generator=g).to(device)
-        A = (torch.rand(k, 256, 6, generator=g) * 2 - 1).to(device)
-        p0 = [q.to(device) for q in stack_params([init_policy(17, 6, (256, 256, 256), g) for _ in range(k)])]
-        obs, tgt = torch.randn(k, 2560, 17, generator=g).to(device), torch.rand(k, 2560, 6, generator=g).to(device)
-        w = torch.rand(k, 2560, generator=g).to(device)
-        steps, lr = torch.full((k,), 100), torch.full((k,), 0.1)
+        args = _published_batch(device, k)
+        graphed = None
+        if engine == "auto" and device.type == "cuda":
+            from obd.cuda_graphs import Graphed
 
-        args = (S, A, p0, obs, tgt, w, steps, lr)
+            graphed = Graphed(outer_grad_batched)
 
-        def step(args: tuple = args) -> None:
-            outer_grad_batched(*args)
+        def step(args: tuple = args, graphed=graphed) -> None:
+            outer_grad_runs(*args, engine=engine, graphed=graphed)
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
         out[str(k)] = _time(step, max(1, repeat if k < 32 else 1)) / k
-        print(f"  batched K = {k:>2} on {device.type}: {out[str(k)]:.3f} s per run per outer iteration", flush=True)
+        print(
+            f"  K = {k:>2} runs together on {device.type} ({engine}): {out[str(k)]:.3f} s per run per outer iteration",
+            flush=True,
+        )
+    return out
+
+
+def bench_single_cuda(repeat: int = 5) -> dict[str, float]:
+    """One run's outer iteration on CUDA at the published sizes: eager vs captured as a CUDA graph."""
+    from obd.cuda_graphs import Graphed
+    from obd.distill import _Tape
+
+    S, A, p0, obs, tgt, w, _, _ = _published_batch(torch.device("cuda"), 1)
+    args = (S[0], A[0], [q[0] if i % 2 == 0 else q[0, 0] for i, q in enumerate(p0)], obs[0], tgt[0], w[0], 100, 0.1)
+    graphed = Graphed(outer_grad_fast, keepalive=lambda: _Tape._cached)
+    out = {}
+    for name, fn in (("eager", outer_grad_fast), ("graph", graphed)):
+
+        def step(fn=fn) -> None:
+            fn(*args)
+            torch.cuda.synchronize()
+
+        out[name] = _time(step, repeat)
+        print(f"  single run on cuda ({name}): {out[name] * 1e3:.1f} ms per outer iteration", flush=True)
     return out
 
 
@@ -257,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ks = tuple(int(k) for k in a.batched_k.split(","))
     per_run = {d: bench_batched(resolve_device(d), ks, a.repeat) for d in devices}
+    per_run_bmm = {d: bench_batched(resolve_device(d), ks, a.repeat, engine="bmm") for d in devices}
+    single_cuda = bench_single_cuda(a.repeat) if "cuda" in devices else None
     ev_b, ev_s = bench_eval_training(a.repeat)
     print(
         f"evaluation learner, 10 policies x 100 SGD steps: batched {ev_b:.2f} s, one at a time {ev_s:.2f} s", flush=True
@@ -279,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         "sac_updates_per_s": sac,
         "sac_reference_updates_per_s": sac_ref,
         "outer_iter_per_run_s": per_run,
+        "outer_iter_per_run_bmm_eager_s": per_run_bmm,
+        **({"outer_iter_single_cuda_s": single_cuda} if single_cuda else {}),
         "eval_train_10_batched_s": ev_b,
         "eval_train_10_sequential_s": ev_s,
         "train_help_s": help_s,

@@ -27,6 +27,7 @@ from obd.errors import ConfigError
 Method = Literal["dbc", "pbc", "avpbc", "sdw", "random"]
 DISTILL_METHODS: tuple[str, ...] = ("dbc", "pbc", "avpbc", "sdw")
 METHODS: tuple[str, ...] = get_args(Method)
+InnerPrecision = Literal["float32", "bfloat16"]
 OuterOptimizer = Literal["sgd", "adam"]
 InnerOptimizer = Literal["sgd", "adam"]
 GradFn = Literal["fast", "unrolled"]
@@ -119,6 +120,8 @@ class DistillConfig:
     batch_size: int = field(default=256, metadata=_rng(1))
     beta: float = field(default=0.02, metadata=_rng(gt=0))  # Av-PBC weight = beta * Q(s, pi*(s))
     truncate: int | None = field(default=None, metadata=_rng(1))  # truncated BPTT: the last K inner steps only
+    cuda_graph: bool = True  # on CUDA: the outer iteration captured once and replayed (obd.cuda_graphs)
+    inner_precision: InnerPrecision = "float32"  # bfloat16: the inner loop and its BPTT in bf16 (measured, README)
     seed: int = field(default=0, metadata=_rng(0))  # the run seed: init, batches, evaluation
 
 

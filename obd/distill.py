@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -316,6 +317,7 @@ class BehaviorDistillation(pl.LightningModule):
         self.syn_actions = nn.Parameter(init_actions.clone().float())
         self.obs_dim, self.act_dim = init_states.shape[1], init_actions.shape[1]
         self.grad_fn = grad_fn
+        self._graphed: Any = None  # obd.cuda_graphs.Graphed, made on the first CUDA outer step
         self.save_hyperparameters({"distill": dataclasses.asdict(cfg), "grad_fn": grad_fn})
 
     def configure_optimizers(self):
@@ -344,8 +346,28 @@ class BehaviorDistillation(pl.LightningModule):
             self.cfg.inner_steps,
             self.cfg.inner_lr,
         )
+        if self.cfg.inner_precision == "bfloat16":  # the synthetic set and its optimizer stay in float32
+            bf = torch.bfloat16
+            loss, gS, gA = outer_grad_fast(
+                self.syn_states.to(bf),
+                self.syn_actions.to(bf),
+                [q.to(bf) for q in args[2]],
+                obs.to(bf),
+                target.to(bf),
+                weight.to(bf),
+                self.cfg.inner_steps,
+                self.cfg.inner_lr,
+                truncate=self.cfg.truncate,
+            )
+            return loss.float(), gS.float(), gA.float()
         if self.grad_fn == "unrolled":
             return outer_grad_unrolled(*args)
+        if self.cfg.cuda_graph and self.syn_states.device.type == "cuda":
+            if self._graphed is None:
+                from obd.cuda_graphs import Graphed
+
+                self._graphed = Graphed(outer_grad_fast, keepalive=lambda: _Tape._cached)
+            return self._graphed(*args, truncate=self.cfg.truncate)
         return outer_grad_fast(*args, truncate=self.cfg.truncate)
 
     def training_step(self, batch, batch_idx):

@@ -1,7 +1,8 @@
 """``make gpu-check``: the checks that need a GPU, then the bench on cuda, as one JSON line.
 
-Runs the CUDA-marked tests (device placement, batched vs separate on the GPU) and the batched
-outer-iteration figures on cuda (K = 1, 8, 32). Without a CUDA device it says so and exits 0, so
+Runs the CUDA-marked tests (device placement, batched vs separate on the GPU, CUDA-graph replay vs
+eager), then the figures on cuda: one run eager vs graph, K = 1, 8, 16, 32 runs together (graph)
+and K = 16 eager. Without a CUDA device it says so and exits 0, so
 the target is safe to call anywhere. Meant to finish well under 8 minutes on one GPU.
 """
 
@@ -30,10 +31,13 @@ def main() -> int:
     tests = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "--timeout", "300"], capture_output=True, text=True
     )
-    from obd.bench import bench_batched
+    from obd.bench import bench_batched, bench_single_cuda
     from obd.devices import resolve_device
 
-    figures = bench_batched(resolve_device("cuda"), (1, 8, 32), repeat=3)
+    cuda = resolve_device("cuda")
+    single = bench_single_cuda(repeat=5)
+    figures = bench_batched(cuda, (1, 8, 16, 32), repeat=3)
+    eager = bench_batched(cuda, (16,), repeat=3, engine="bmm")
     tail = tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else tests.stderr[-300:]
     print(
         json.dumps(
@@ -42,7 +46,9 @@ def main() -> int:
                 "device": torch.cuda.get_device_name(0),
                 "torch": torch.__version__,
                 "tests": tail,
+                "outer_iter_single_cuda_s": single,
                 "outer_iter_per_run_s": {"cuda": figures},
+                "outer_iter_per_run_bmm_eager_s": {"cuda": eager},
                 "seconds": round(time.time() - t0, 1),
             }
         )

@@ -53,6 +53,8 @@ from obd.seeding import derive_seed
 
 log = logging.getLogger("obd.sweep")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# ask-and-tell (the batched search) on the heartbeat storage: its trials are tracked without heartbeats
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 HEARTBEAT_S, GRACE_S = 5, 20
 BASELINES = ("random",)
 
@@ -188,6 +190,22 @@ def comparable(cfg: dict) -> dict:
 # ------------------------------------------------------------------ the sweep
 
 
+def _worker_alive(worker: str) -> bool:
+    """Whether the process named "host:pid" still runs; a process on another host counts as alive."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return host != socket.gethostname()
+    if int(pid) == os.getpid():
+        return False  # this process: a trial of an earlier batch it did not finish (interrupted in-process)
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def connect(url: str, attempts: int = 5) -> RDBStorage:
     """Optuna RDB storage with heartbeats; workers starting together may race to create the schema,
     so a failed first connection is retried."""
@@ -254,11 +272,14 @@ class Sweep:
         show_progress: bool = True,
         jobs: int = 1,
         batched: bool = False,
+        batch_trials: int = 8,
     ):
         self.task, self.spec, self.out = task, spec, out
         self.show_progress = show_progress
         self.jobs = max(1, jobs)
-        self.batched = batched  # finals of a method: all seeds in one batched engine (obd.batched)
+        # batched: trials asked batch_trials at a time and each method's finals (all seeds) advance
+        # together in the batched engine (obd.batched)
+        self.batched, self.batch_trials = batched, max(1, batch_trials)
         # runs in parallel share the cores: one torch thread each when several run at once
         self.threads = max(1, (os.cpu_count() or 1) // self.jobs)
         out.mkdir(parents=True, exist_ok=True)
@@ -326,7 +347,7 @@ class Sweep:
         if wait_for_stale:
             self._wait_for_stale(study)
         helpers = []
-        if self.jobs > 1 and wait_for_stale:
+        if self.jobs > 1 and wait_for_stale and not self.batched:
             import multiprocessing as mp
 
             ctx = mp.get_context("spawn")
@@ -362,6 +383,8 @@ class Sweep:
         def n_claimed() -> int:  # finished, or running in some process: parallel workers do not overshoot
             return n_done() + len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
+        if self.batched:
+            self._optimize_batched(study, method, target, n_done, progress)
         attempts = 0
         while n_done() < target and attempts < 3 * target:
             if n_claimed() >= target:  # the rest are running elsewhere: wait for them (or their heartbeat to stop)
@@ -380,13 +403,69 @@ class Sweep:
         bar.close()
         return study
 
+    def _optimize_batched(self, study: optuna.Study, method: str, target: int, n_done, progress) -> None:
+        """Ask-and-tell: ``batch_trials`` trials at a time advance as one batch (obd.batched.advance_batched);
+        each reports its evaluations to Optuna and a trial the pruner stops is dropped from the batch.
+        Trials this machine left running (a stopped process) are taken up again with their parameters
+        and resume from their checkpoints; trials of live workers elsewhere are left alone."""
+        from obd.batched import advance_batched
+
+        def orphaned() -> list[optuna.trial.FrozenTrial]:
+            return [
+                t
+                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if t.user_attrs.get("engine") == "batched" and not _worker_alive(t.user_attrs.get("worker", ""))
+            ]
+
+        while n_done() < target:
+            left = orphaned()[: self.batch_trials]
+            trials = [optuna.trial.Trial(study, t._trial_id) for t in left]
+            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) - len(left)
+            new = min(self.batch_trials - len(trials), target - n_done() - running - len(trials))
+            trials += [study.ask() for _ in range(max(0, new))]
+            if not trials:
+                time.sleep(2)  # the rest run in live workers elsewhere
+                continue
+            cfgs, listeners = [], []
+            for trial in trials:
+                params = suggest(trial, self.space(method))  # a resumed trial gets its stored values back
+                out = self.out / "trials" / method / f"trial-{trial.number:03d}"
+                cfg = run_config(self.spec, self.task, method, params, seed=0, out=out, group=self.study_name(method))
+                cfg.threads = self.threads
+                trial.set_user_attr("out", str(out))
+                trial.set_user_attr("engine", "batched")
+                trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+                cfgs.append(cfg)
+                listeners.append([TrialPruning(trial)])
+            try:
+                results = advance_batched(cfgs, listeners, show_progress=self.show_progress)
+            except Exception:
+                for trial in trials:
+                    study.tell(trial, state=TrialState.FAIL)
+                raise
+            # (KeyboardInterrupt leaves them running: the next invocation takes them up again)
+            for trial, res in zip(trials, results):
+                if isinstance(res, optuna.TrialPruned):
+                    frozen = study.tell(trial, state=TrialState.PRUNED)
+                elif isinstance(res, Exception):
+                    log.warning("trial %d failed: %s", trial.number, res)
+                    frozen = study.tell(trial, state=TrialState.FAIL)
+                else:
+                    trial.set_user_attr("history", [{"step": h["step"], "value": h["score"]} for h in res["history"]])
+                    frozen = study.tell(trial, float(res["score"]))
+                progress(study, frozen)
+
     def _wait_for_stale(self, study: optuna.Study) -> None:
         """SQLite (one machine): trials left RUNNING by a killed process fail once their heartbeat is older
         than the grace period and are then retried with the same parameters; wait that long rather than
         run new trials around them."""
         if not self.storage.url.startswith("sqlite"):
             return  # shared storage: other workers' trials are alive; optuna fails stale ones as trials start
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        running = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("engine") != "batched"  # no heartbeat: taken up by _optimize_batched
+        ]
         if not running:
             return
         log.info(
@@ -562,8 +641,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batched",
         action="store_true",
-        help="run each method's finals (all seeds) as one batched computation (for GPUs)",
+        help="trials asked --batch-trials at a time and each method's finals (all seeds) run as one batched "
+        "computation, pruned trials dropped from their batch (for GPUs)",
     )
+    p.add_argument("--batch-trials", type=int, default=8, help="trials per batch with --batched (default 8)")
     return p
 
 
@@ -594,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = a.jobs or min(2, os.cpu_count() or 1)
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
-    sweep = Sweep(task, spec, out, a.storage, jobs=jobs, batched=a.batched)
+    sweep = Sweep(task, spec, out, a.storage, jobs=jobs, batched=a.batched, batch_trials=a.batch_trials)
     sweep.prepare()
     for method in spec["methods"]:
         sweep.optimize(method)

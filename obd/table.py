@@ -65,6 +65,7 @@ def run_all(
     jobs: int,
     layers: list[dict],
     batched: bool = False,
+    threads: int | None = None,
 ) -> dict[tuple[str, str, int], dict]:
     """Every (task, method, seed) run; finished ones are read back, the rest run ``jobs`` at a time."""
 
@@ -72,7 +73,10 @@ def run_all(
     from obd.sweep import comparable, config_difference, run_configs
     from obd.targets import prepare_targets
 
-    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
+    import torch
+
+    torch.set_num_threads(threads)  # the shared stages (teacher training) run in this process
     results: dict[tuple[str, str, int], dict] = {}
     todo: dict[tuple[str, str, int], dict] = {}
     for task in tasks:
@@ -232,6 +236,44 @@ def markdown(rows: list[dict], methods: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_block(out: Path, root: Path = Path(".")) -> str:
+    """The README's results block for ``OUT`` (relative to ``root``, the README's folder), made from
+    ``OUT/table.md`` and ``OUT/table.csv`` only."""
+    import csv
+
+    with open(root / out / "table.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    num = lambda x: float(x) if x not in ("", None) else None  # noqa: E731
+    lines = [(root / out / "table.md").read_text().rstrip(), "", f"![results]({out.as_posix()}/table.png)", ""]
+    lines.append("SDW - Av-PBC per dataset, paired by seed (the published gap beside it):")
+    lines.append("")
+    for r in rows:
+        pub_a, pub_s = num(r["published_avpbc"]), num(r["published_sdw"])
+        pub = f"{pub_s - pub_a:+.1f}" if pub_a is not None and pub_s is not None else "not published"
+        ci = f" [{float(r['ci_low']):+.1f}, {float(r['ci_high']):+.1f}]" if r.get("ci_low") not in ("", None) else ""
+        diff = num(r.get("sdw_minus_avpbc"))
+        ours = f"{diff:+.1f}{ci} over {r['n_pairs']} seeds, {r['verdict']}" if diff is not None else "not run"
+        lines.append(f"- {r['task']}: {ours} (paper: {pub})")
+    walls = [
+        f"{r['task']} "
+        + ", ".join(f"{m} {float(r[f'{m}_wall_s']):.0f}" for m in ("avpbc", "sdw", "random") if r.get(f"{m}_wall_s"))
+        for r in rows
+    ]
+    lines += ["", "Mean wall time per run, seconds: " + "; ".join(walls) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: Path, out: Path) -> None:
+    """Replace the block between ``<!-- BEGIN generated: OUT -->`` and ``<!-- END generated: OUT -->``."""
+    begin, end = f"<!-- BEGIN generated: {out.as_posix()} -->", f"<!-- END generated: {out.as_posix()} -->"
+    text = readme.read_text()
+    if begin not in text or end not in text:
+        raise ObdError(f"{readme} has no '{begin}' ... '{end}' block to fill")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + begin + "\n" + readme_block(out, readme.parent) + end + tail)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -292,6 +334,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML of RunConfig fields applied to every run")
     p.add_argument("--out", default=None, help="default results/BUDGET")
     p.add_argument("--jobs", type=int, default=None, help="runs at once (default: cores, at most 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
+    p.add_argument("--readme", default=None, help="also fill this file's generated block for OUT (README.md)")
     p.add_argument("--rebuild", action="store_true", help="only rebuild the table from the runs already there")
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="for every run (default auto)")
     p.add_argument("--batched", action="store_true", help="each task's distillation runs as one batched computation")
@@ -328,10 +372,13 @@ def main(argv: list[str] | None = None) -> int:
                 results[(m["task"], m["method"], m["seed"])] = m
     else:
         jobs = a.jobs or min(2, os.cpu_count() or 1)
-        results = run_all(tasks, methods, seeds, a.budget, out, jobs, layers, batched=a.batched)
+        results = run_all(tasks, methods, seeds, a.budget, out, jobs, layers, batched=a.batched, threads=a.threads)
     rows = build_table(results, tasks, methods, a.budget, out)
     print((out / "table.md").read_text(), end="")
     print(f"{len(rows)} dataset(s); table: {out / 'table.csv'}, {out / 'table.md'}, {out / 'table.png'}")
+    if a.readme:
+        update_readme(Path(a.readme), out)
+        print(f"updated the results block of {a.readme}")
     return 0
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from obd.batched import outer_grad_batched, stack_params
+from obd.batched import outer_grad_batched, outer_grad_runs, stack_params
 from obd.distill import init_policy, outer_grad_fast
 
 
@@ -46,6 +46,23 @@ def test_batched_runs_equal_separate_runs_in_float64():
         torch.tensor([lrs[i] for i in keep], dtype=torch.float64),
     )
     torch.testing.assert_close(gS2, gS[keep], rtol=1e-12, atol=1e-14)
+
+
+def test_engines_agree_in_float64():
+    """The per-run loop (CPU default) and the bmm engine (CUDA default) give the same K gradients."""
+    runs = [problem(s) for s in range(3)]
+    args = (
+        torch.stack([r[0] for r in runs]),
+        torch.stack([r[1] for r in runs]),
+        stack_params([r[2] for r in runs]),
+        *(torch.stack([r[i] for r in runs]) for i in (3, 4, 5)),
+        torch.tensor([2, 5, 3]),
+        torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64),
+    )
+    for a, b in zip(outer_grad_runs(*args, engine="loop"), outer_grad_runs(*args, engine="bmm")):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="unknown engine"):
+        outer_grad_runs(*args, engine="fast")
 
 
 def test_device_choice_and_a_clean_error_without_cuda():
@@ -150,8 +167,11 @@ def test_batched_runs_equal_separate_runs_and_resume(tmp_path):
 
     from obd.batched import run_batched
 
-    together = run_batched(tiny_cfgs(tmp_path / "together"), show_progress=False, dtype=torch.float64)
-    alone = [run_batched([c], show_progress=False, dtype=torch.float64)[0] for c in tiny_cfgs(tmp_path / "alone")]
+    together = run_batched(tiny_cfgs(tmp_path / "together"), show_progress=False, dtype=torch.float64, engine="bmm")
+    alone = [
+        run_batched([c], show_progress=False, dtype=torch.float64, engine="loop")[0]
+        for c in tiny_cfgs(tmp_path / "alone")
+    ]
     for t, a in zip(together, alone):
         assert [h["step"] for h in t["history"]] == [2, 4]
         assert t["score"] == pytest.approx(a["score"], abs=1e-6)
@@ -170,3 +190,90 @@ def test_batched_runs_equal_separate_runs_and_resume(tmp_path):
         np.load(tmp_path / "together" / "sdw-0" / "synthetic.npz"),
     )
     np.testing.assert_allclose(zr["states"], zt["states"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_its_listener_is_dropped_and_each_run_has_its_own_wandb_run(tmp_path):
+    """Issue 11: pruning by dropping a run from the batch leaves the others as they would be alone;
+    every batched run logs to its own (offline) W&B run."""
+    import json
+
+    from obd.batched import advance_batched, run_batched
+
+    class Pruned(Exception):
+        pass
+
+    def prune_at_2(step: int, value: float) -> None:
+        if step == 2:
+            raise Pruned(f"pruned at {step}")
+
+    seen: list[tuple[int, float]] = []
+    cfgs = tiny_cfgs(tmp_path / "batch", wandb=True)
+    res = advance_batched(
+        cfgs, [[prune_at_2], [lambda s, v: seen.append((s, v))]], show_progress=False, dtype=torch.float64, engine="bmm"
+    )
+    assert isinstance(res[0], Pruned) and isinstance(res[1], dict)
+    assert [s for s, _ in seen] == [2, 4] and res[1]["history"][-1]["step"] == 4
+    assert not (tmp_path / "batch" / "sdw-0" / "metrics.json").exists()
+    assert (tmp_path / "batch" / "sdw-0" / "checkpoints" / "batched.pt").is_file()  # kept, resumable
+    alone = run_batched([tiny_cfgs(tmp_path / "alone")[1]], show_progress=False, dtype=torch.float64)[0]
+    assert res[1]["score"] == pytest.approx(alone["score"], abs=1e-6)
+    ids = [(tmp_path / "batch" / n / "wandb-run-id").read_text() for n in ("sdw-0", "avpbc-1")]
+    assert len(set(ids)) == 2
+    for n, i in zip(("sdw-0", "avpbc-1"), ids):
+        assert list((tmp_path / "batch" / n / "wandb").glob(f"offline-run-*-{i}"))
+    assert json.loads((tmp_path / "batch" / "avpbc-1" / "metrics.json").read_text())["engine"] == "batched"
+
+
+def test_graph_signature_inputs_and_constants():
+    """What a CUDA graph treats as inputs (tensors, copied in per call) and as constants (the rest)."""
+    from obd.cuda_graphs import _flatten, _rebuild
+
+    S, p = torch.zeros(3, 2), [torch.ones(2), torch.ones(4)]
+    tensors, key = _flatten((S, p, 100, 0.1))
+    assert [t.shape for t in tensors] == [S.shape, (2,), (4,)]
+    assert _flatten((S + 1, [q * 2 for q in p], 100, 0.1))[1] == key  # new values: same graph
+    assert _flatten((S, p, 99, 0.1))[1] != key  # a new loop count: a new graph
+    assert _flatten((torch.zeros(4, 2), p, 100, 0.1))[1] != key  # a new shape: a new graph
+    new = [t + 5 for t in tensors]
+    rebuilt = _rebuild((S, p, 100, 0.1), new)
+    assert rebuilt[0] is new[0] and rebuilt[1][1] is new[2] and rebuilt[2:] == (100, 0.1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_graph_replay_equals_eager(dtype):
+    """Issue 11: the outer iteration captured once and replayed gives what the eager call gives on the
+    same device, for new inputs of the same shape, without recapturing (single run and K runs)."""
+    from obd.cuda_graphs import Graphed
+    from obd.distill import _Tape
+
+    tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-7}
+    graphed = Graphed(outer_grad_fast, keepalive=lambda: _Tape._cached)
+    for seed in range(3):
+        S, A, p0, obs, target, weight = (
+            [q.cuda().to(dtype) for q in x] if isinstance(x, list) else x.cuda().to(dtype) for x in problem(seed)
+        )
+        eager = outer_grad_fast(S, A, p0, obs, target, weight, 4, 0.3)
+        replay = graphed(S, A, p0, obs, target, weight, 4, 0.3)
+        for e, r in zip(eager, replay):
+            torch.testing.assert_close(r, e, **tol)
+    assert graphed.captures == 1
+    runs = [problem(s) for s in range(3)]
+    cuda = lambda x: x.cuda().to(dtype)  # noqa: E731
+    args = (
+        cuda(torch.stack([r[0] for r in runs])),
+        cuda(torch.stack([r[1] for r in runs])),
+        [cuda(q) for q in stack_params([r[2] for r in runs])],
+        *(cuda(torch.stack([r[i] for r in runs])) for i in (3, 4, 5)),
+        torch.tensor([2, 5, 3]),
+        torch.tensor([0.5, 0.3, 0.2], dtype=dtype),
+    )
+    batched = Graphed(outer_grad_batched)
+    eager = outer_grad_runs(*args, engine="bmm")
+    for _ in range(2):
+        replay = outer_grad_runs(*args, engine="bmm", graphed=batched)
+        for e, r in zip(eager, replay):
+            torch.testing.assert_close(r, e, **tol)
+    assert batched.captures == 1

@@ -54,3 +54,17 @@ def test_wheel_ships_the_studies_and_budgets(tmp_path):
         "obd/behavior/policies/hopper.pt",
     ):
         assert f in names
+
+
+def test_readme_results_blocks_are_generated_from_the_committed_results():
+    """Issue 12: the README's results tables are the committed results files, not typed numbers
+    (regenerate with `python -m obd.table --rebuild --tasks ... --readme README.md`)."""
+    import re
+
+    from obd.table import readme_block
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"<!-- BEGIN generated: (\S+) -->\n(.*?)<!-- END generated: \1 -->", readme, re.S)
+    assert blocks, "the README has no generated results block"
+    for out, body in blocks:
+        assert body == readme_block(Path(out), ROOT), f"README block {out} differs from its results files"

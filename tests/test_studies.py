@@ -61,7 +61,14 @@ def test_table_runs_every_cell_once_and_rebuilds(tmp_path, capsys):
     mtimes = [p.stat().st_mtime for p in metrics]
     assert main(args) == 0  # resumable: nothing recomputed
     assert [p.stat().st_mtime for p in metrics] == mtimes
-    assert main([*args, "--rebuild"]) == 0
+    # the README's results block is filled from the results files (issue 12)
+    readme = tmp_path / "README.md"
+    out = (tmp_path / "res").relative_to(tmp_path)
+    readme.write_text(f"intro\n<!-- BEGIN generated: {out} -->\nold\n<!-- END generated: {out} -->\nrest\n")
+    assert main([*args[:-1], str(out), "--rebuild", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "hopper-random: " in text and f"![results]({out}/table.png)" in text
     # a changed configuration in the same OUT is refused, not mixed in
     cfg.write_text(yaml.safe_dump({**TINY, "distill": {**TINY["distill"], "n_synthetic": 4}}))
     from obd.errors import cli

@@ -348,3 +348,40 @@ def test_finals_can_vary_data_and_teacher_seed_per_seed(tmp_path):
         "random", 3, tmp_path / "x"
     )
     assert cfg2.data.data_seed == 0 and cfg2.teacher.td3bc.seed == 0
+
+
+@pytest.mark.slow
+def test_batched_sweep_asks_trials_in_batches_and_takes_up_orphaned_ones(tmp_path, monkeypatch):
+    """Issue 11: ask-and-tell, batch_trials trials advanced together; a trial the pruner stops is
+    dropped from its batch and told pruned; a trial a stopped process left running is resumed."""
+    from obd.sweep import Sweep
+
+    monkeypatch.setenv("OBD_DATA_DIR", str(tmp_path / "data"))
+    spec = load_study(write_study(tmp_path, trials=3, methods=["avpbc"]), "hopper-random")
+    spec["fixed"]["wandb"] = False
+    out = tmp_path / "sweep"
+    sw = Sweep("hopper-random", spec, out, None, show_progress=False, batched=True, batch_trials=2)
+    study = sw.study("avpbc")
+    orphan = study.ask()  # left running by a process that no longer exists
+    orphan.suggest_float("distill.outer_lr", 0.05, 0.5, log=True)
+    orphan.suggest_int("distill.inner_steps", 2, 4)
+    orphan.set_user_attr("engine", "batched")
+    orphan.set_user_attr("worker", f"{socket.gethostname()}:999999999")
+    # the pruner: a trial whose first evaluation is below every completed one stops there
+    calls: list[int] = []
+    real_should_prune = optuna.trial.Trial.should_prune
+
+    def should_prune(self):
+        calls.append(self.number)
+        return self.number == 2 or real_should_prune(self)
+
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", should_prune)
+    sw.prepare()
+    sw.optimize("avpbc")
+    trials = trials_of(out, "avpbc")
+    assert len(trials) == 3  # the orphan was taken up, not replaced
+    assert trials[0].state == TrialState.COMPLETE and trials[0].params == orphan.params
+    assert trials[2].state == TrialState.PRUNED and list(trials[2].intermediate_values) == [2]
+    assert trials[1].state == TrialState.COMPLETE and sorted(trials[1].intermediate_values) == [2, 4]
+    assert all(t.user_attrs["engine"] == "batched" for t in trials)
+    assert not (out / "trials" / "avpbc" / "trial-002" / "metrics.json").exists()
