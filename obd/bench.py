@@ -181,7 +181,8 @@ def bench_batched(
             graphed = Graphed(outer_grad_batched)
 
         def step(args: tuple = args, graphed=graphed) -> None:
-            outer_grad_runs(*args, engine=engine, graphed=graphed)
+            S, A, p0, obs, tgt, w, steps, lr = args
+            outer_grad_runs(S, A, p0, obs, tgt, w, steps, lr, engine=engine, graphed=graphed)
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
