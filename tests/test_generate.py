@@ -13,6 +13,7 @@ from obd.behavior.export import export_policy
 from obd.behavior.generate import collect
 from obd.behavior.sac import SACConfig, train_sac
 from obd.data import DatasetError, generated_path, get_task, load_source
+from obd.errors import ObdError
 
 TINY = dict(
     learning_starts=200, batch_size=32, hidden=(16, 16), snapshot_every=150, eval_episodes=1, checkpoint_every=150
@@ -101,6 +102,32 @@ def test_missing_expert_is_a_clear_error(tmp_path):
     export_policy(get_task("hopper-medium"), w, tmp_path / "data" / "policies" / "hopper.pt", episodes=1)
     with pytest.raises(DatasetError, match="no expert policy for hopper"):
         collect(get_task("hopper-expert"), 100, show_progress=False)
+
+
+@pytest.mark.slow
+def test_expert_added_later_keeps_the_shipped_medium(tmp_path):
+    """Issue 12: the expert is exported when training finishes, without changing the medium policy (and
+    so the medium datasets) exported earlier from the same run; another run's file is refused."""
+    task, w = get_task("hopper-medium"), tmp_path / "sac"
+    train_sac(task, SACConfig(total_steps=300, **TINY), w, show_progress=False)
+    cfg = json.loads((w / "config.json").read_text())
+    cfg["total_steps"] = 450  # the first export happens before training ends
+    (w / "config.json").write_text(json.dumps(cfg))
+    early = tmp_path / "early.pt"
+    export_policy(task, w, early, episodes=1)
+    assert "expert" not in torch.load(early, weights_only=True)
+    train_sac(task, SACConfig(total_steps=450, **TINY), w, show_progress=False)
+    final = tmp_path / "final.pt"
+    meta = export_policy(task, w, final, episodes=1, keep_medium=early)
+    a, b = torch.load(early, weights_only=True), torch.load(final, weights_only=True)
+    assert b["expert"]["step"] == 450 and meta["expert_score"] is not None
+    assert b["medium"]["step"] == a["medium"]["step"] and meta["medium_step"] == a["medium"]["step"]
+    assert all(torch.equal(a["medium"]["actor"][k], b["medium"]["actor"][k]) for k in a["medium"]["actor"])
+    assert [r["step"] for r in a["replay"]] == [r["step"] for r in b["replay"]]
+    other = tmp_path / "other"
+    train_sac(task, SACConfig(total_steps=300, seed=1, **TINY), other, show_progress=False)
+    with pytest.raises(ObdError, match="not a snapshot of this SAC run"):
+        export_policy(task, other, tmp_path / "x.pt", episodes=1, keep_medium=early)
 
 
 def run_cli(*args, env=None):

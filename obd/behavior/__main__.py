@@ -56,6 +56,7 @@ def _export(args: argparse.Namespace) -> None:
         _workdir(args),
         out,
         command=f"python -m obd.behavior train {args.env} --seed {args.seed}",
+        keep_medium=Path(args.keep_medium) if args.keep_medium else None,
     )
     print(json.dumps({"out": str(out), **meta}, indent=1))
 
@@ -97,6 +98,12 @@ def parser() -> argparse.ArgumentParser:
         "--out",
         default=None,
         help="default OBD_DATA_DIR/policies/ENV.pt (wins over the package's obd/behavior/policies)",
+    )
+    ex.add_argument(
+        "--keep-medium",
+        default=None,
+        help="an earlier export of this run (e.g. obd/behavior/policies/ENV.pt): keep its medium and replay "
+        "snapshots, so the medium datasets stay the same, and add the expert",
     )
     ex.set_defaults(fn=_export)
     return p

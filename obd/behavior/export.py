@@ -25,6 +25,7 @@ def export_policy(
     seed: int = 0,
     command: str = "",
     select_steps: int = 50_000,
+    keep_medium: Path | None = None,
 ) -> dict:
     """Pick the medium snapshot (closest to D4RL's medium score), measure it, write ``out``.
 
@@ -33,6 +34,8 @@ def export_policy(
     data) and the closest wins; the score written (and shown in the README) is a separate
     measurement over ``episodes`` full episodes. Snapshots up to it are kept in float16 for
     medium-replay. ``expert`` is the last snapshot when training ran to its configured length.
+    ``keep_medium``: a policy file exported earlier from this run; its medium and replay snapshots are
+    kept as they are (the medium datasets stay the same data) after checking that they are this run's.
     Returns the metadata written (measured scores included).
     """
     if not (workdir / "config.json").is_file() or not (workdir / "snapshots.pt").is_file():
@@ -54,6 +57,7 @@ def export_policy(
     }
     target = D4RL_BEHAVIOUR_SCORE[task.env]["medium"]
     candidates = sorted(snaps, key=lambda s: abs(s["score"] - target))[:5]
+    kept = _kept_medium(keep_medium, snaps) if keep_medium else None
 
     def measure(snap: dict, n: int, eval_seed: int) -> np.ndarray:
         rets = evaluate_episodes(
@@ -74,19 +78,22 @@ def export_policy(
         starts = np.concatenate([[0], np.flatnonzero(ends)[:-1] + 1])
         return float(task.normalized_score(np.add.reduceat(tr.rewards.astype(np.float64), starts)).mean())
 
-    med = min(candidates, key=lambda s: abs(data_score(s) - target))
-    med_scores = measure(med, episodes, derive_seed(seed, "measure"))
-    pf["medium"] = {
-        "actor": med["actor"],
-        "step": med["step"],
-        "score": float(med_scores.mean()),
-        "score_std": float(med_scores.std()),
-    }
-    pf["replay"] = [
-        {"step": s["step"], "actor": {k: v.half() for k, v in s["actor"].items()}}
-        for s in snaps
-        if s["step"] <= med["step"]
-    ]
+    if kept is not None:
+        pf["medium"], pf["replay"] = kept["medium"], kept["replay"]
+    else:
+        med = min(candidates, key=lambda s: abs(data_score(s) - target))
+        med_scores = measure(med, episodes, derive_seed(seed, "measure"))
+        pf["medium"] = {
+            "actor": med["actor"],
+            "step": med["step"],
+            "score": float(med_scores.mean()),
+            "score_std": float(med_scores.std()),
+        }
+        pf["replay"] = [
+            {"step": s["step"], "actor": {k: v.half() for k, v in s["actor"].items()}}
+            for s in snaps
+            if s["step"] <= med["step"]
+        ]
     if snaps[-1]["step"] >= cfg["total_steps"]:
         exp_scores = measure(snaps[-1], episodes, derive_seed(seed, "measure"))
         pf["expert"] = {
@@ -100,7 +107,7 @@ def export_policy(
         "seed": cfg["seed"],
         "trained_steps": snaps[-1]["step"],
         "command": command,
-        "medium_step": med["step"],
+        "medium_step": pf["medium"]["step"],
         "medium_score": pf["medium"]["score"],
         "medium_score_std": pf["medium"]["score_std"],
         "eval_episodes": episodes,
@@ -110,3 +117,18 @@ def export_policy(
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(pf, out)
     return meta
+
+
+def _kept_medium(path: Path, snaps: list[dict]) -> dict:
+    """The medium and replay entries of an earlier export of this run (checked: same weights at that step)."""
+    if not path.is_file():
+        raise ObdError(f"{path}: no such policy file to keep the medium policy of")
+    try:
+        old = torch.load(path, weights_only=True)
+        med = old["medium"]
+    except Exception as e:
+        raise ObdError(f"{path}: not a policy file written by export ({type(e).__name__}: {e})") from None
+    same = [s for s in snaps if s["step"] == med["step"]]
+    if not same or any(not torch.equal(same[0]["actor"][k], v) for k, v in med["actor"].items()):
+        raise ObdError(f"{path}: its medium policy (step {med['step']}) is not a snapshot of this SAC run")
+    return old
