@@ -56,3 +56,68 @@ def verdict(c: dict) -> str:
     if hi < 0:
         return "evidence of a negative difference" + few
     return "no evidence of a difference: the interval spans zero" + few
+
+
+def compare_results(a_dir: str, b_dir: str) -> list[dict]:
+    """Runs of two result folders (``OUT/runs/TASK/METHOD-sSEED/metrics.json``, as ``obd.table`` writes)
+    paired by (task, method, seed): A - B of the last-K score and of the final evaluation."""
+    import json
+    from pathlib import Path
+
+    def load(d: str) -> dict[tuple[str, str], dict[int, dict]]:
+        runs: dict[tuple[str, str], dict[int, dict]] = {}
+        for p in sorted(Path(d).glob("runs/*/*/metrics.json")):
+            m = json.loads(p.read_text())
+            runs.setdefault((m["task"], m["method"]), {})[int(m["seed"])] = m
+        return runs
+
+    a, b = load(a_dir), load(b_dir)
+    rows = []
+    for key in sorted(set(a) & set(b)):
+        row: dict = {"task": key[0], "method": key[1]}
+        for what in ("score", "final_score"):
+            sa = {s: float(m[what]) for s, m in a[key].items()}
+            sb = {s: float(m[what]) for s, m in b[key].items()}
+            row[what] = {
+                "a_mean": float(np.mean([sa[s] for s in sorted(set(sa) & set(sb))] or [np.nan])),
+                "b_mean": float(np.mean([sb[s] for s in sorted(set(sa) & set(sb))] or [np.nan])),
+                **paired_comparison(sa, sb),
+            }
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m obd.stats",
+        description="A - B for the runs two result folders share (paired by task, method and seed).",
+    )
+    p.add_argument("a", help="a results folder (OUT of obd.table)")
+    p.add_argument("b", help="another one")
+    args = p.parse_args(argv)
+    rows = compare_results(args.a, args.b)
+    if not rows:
+        from obd.errors import ObdError
+
+        raise ObdError(f"{args.a} and {args.b} share no (task, method) with runs/*/*/metrics.json")
+    for r in rows:
+        for what, label in (("score", "last-K score"), ("final_score", "final evaluation")):
+            c = r[what]
+            ci = c.get("paired_t_ci")
+            print(
+                f"{r['task']} {r['method']} {label}: A {c['a_mean']:.1f}, B {c['b_mean']:.1f}, A - B "
+                f"{c['mean_difference']:+.1f}"
+                + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
+                + f" over {c['n_pairs']} seeds: {c['verdict']}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from obd.errors import cli
+
+    sys.exit(cli(main))

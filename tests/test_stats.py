@@ -35,3 +35,33 @@ def test_seed_derivation_is_stable_and_distinct():
     assert len(seeds) == 300 and all(0 <= s < 2**63 for s in seeds)
     with pytest.raises(TypeError):
         derive_seed(0, 1.5)  # type: ignore[arg-type]
+
+
+def test_compare_two_result_folders_pairs_by_task_method_and_seed(tmp_path, capsys):
+    import json
+
+    from obd.stats import compare_results, main
+
+    for folder, shift in (("a", 1.0), ("b", 0.0)):
+        for seed, base in enumerate([30.0, 32.0, 35.0]):
+            d = tmp_path / folder / "runs" / "hopper-medium" / f"avpbc-s{seed}"
+            d.mkdir(parents=True)
+            m = {
+                "task": "hopper-medium",
+                "method": "avpbc",
+                "seed": seed,
+                "score": base + shift,
+                "final_score": base + 2 * shift,
+            }
+            (d / "metrics.json").write_text(json.dumps(m))
+    extra = tmp_path / "a" / "runs" / "hopper-medium" / "sdw-s0"  # only in A: not compared
+    extra.mkdir(parents=True)
+    (extra / "metrics.json").write_text(
+        json.dumps({"task": "hopper-medium", "method": "sdw", "seed": 0, "score": 1.0, "final_score": 1.0})
+    )
+    rows = compare_results(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert [(r["task"], r["method"]) for r in rows] == [("hopper-medium", "avpbc")]
+    assert rows[0]["score"]["mean_difference"] == 1.0 and rows[0]["final_score"]["mean_difference"] == 2.0
+    assert rows[0]["score"]["n_pairs"] == 3 and abs(rows[0]["score"]["a_mean"] - 33.0 - 1 / 3) < 1e-9
+    assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "hopper-medium avpbc final evaluation: A 34.3, B 32.3, A - B +2.0" in capsys.readouterr().out
