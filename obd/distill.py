@@ -346,19 +346,12 @@ class BehaviorDistillation(pl.LightningModule):
             self.cfg.inner_steps,
             self.cfg.inner_lr,
         )
-        if self.cfg.inner_precision == "bfloat16":  # the synthetic set and its optimizer stay in float32
-            bf = torch.bfloat16
-            loss, gS, gA = outer_grad_fast(
-                self.syn_states.to(bf),
-                self.syn_actions.to(bf),
-                [q.to(bf) for q in args[2]],
-                obs.to(bf),
-                target.to(bf),
-                weight.to(bf),
-                self.cfg.inner_steps,
-                self.cfg.inner_lr,
-                truncate=self.cfg.truncate,
-            )
+        if self.cfg.inner_precision == "bfloat16":
+            # autocast: the matrix products in bf16 with float32 accumulation, everything else (the
+            # inner SGD updates, the synthetic set, its optimizer) in float32; the autograd unroll,
+            # because the fast path writes into preallocated float32 buffers
+            with torch.autocast(self.syn_states.device.type, dtype=torch.bfloat16):
+                loss, gS, gA = outer_grad_unrolled(*args)
             return loss.float(), gS.float(), gA.float()
         if self.grad_fn == "unrolled":
             return outer_grad_unrolled(*args)

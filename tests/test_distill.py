@@ -86,3 +86,23 @@ def test_init_is_orthogonal_and_seeded():
     m = BehaviorDistillation(DistillConfig(seed=5, hidden=(8,)), torch.zeros(4, 3), torch.zeros(4, 2))
     assert all(torch.equal(a, b) for a, b in zip(m.fresh_policy(10), m.fresh_policy(10)))
     assert not torch.equal(m.fresh_policy(10)[0], m.fresh_policy(11)[0])
+
+
+def test_bf16_inner_products_stay_close_to_float32():
+    """distill.inner_precision: bfloat16 runs the inner products in bf16 under autocast; the gradient
+    returned is float32 and near the float32 one (the README gives the measured score cost)."""
+    g = torch.Generator().manual_seed(0)
+    S, A = torch.randn(32, 5, generator=g), torch.rand(32, 2, generator=g) * 2 - 1
+    obs, target, w = (
+        torch.randn(64, 5, generator=g),
+        torch.rand(64, 2, generator=g) * 2 - 1,
+        torch.rand(64, generator=g),
+    )
+    grads = {}
+    for prec in ("float32", "bfloat16"):
+        m = BehaviorDistillation(DistillConfig(hidden=(32, 32), inner_steps=5, inner_precision=prec), S, A)
+        _, gS, gA = m.outer_gradient(obs, target, w, step=0)
+        assert gS.dtype == torch.float32 and gA.dtype == torch.float32
+        grads[prec] = torch.cat([gS.flatten(), gA.flatten()])
+    rel = float((grads["bfloat16"] - grads["float32"]).norm() / grads["float32"].norm())
+    assert 0 < rel < 0.1
