@@ -87,7 +87,8 @@ class Graphed:
         torch.cuda.current_stream().wait_stream(side)
         self.held = self.keepalive() if self.keepalive else None
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # captured on the warm-up stream: library handles (cuBLAS workspaces) made there are reused
+        with torch.cuda.graph(self.graph, stream=side):
             self.outputs = tuple(self.fn(*static_args, **constants))
         self.key = key
         self.captures += 1
