@@ -38,7 +38,18 @@ from obd.seeding import derive_seed
 log = logging.getLogger(__name__)
 
 # CORL's published TD3+BC scores on D4RL v2 medium (normalized return; the teacher's yardstick).
-CORL_TD3BC_SCORE: dict[str, float] = {"halfcheetah-medium": 48.1, "hopper-medium": 60.4, "walker2d-medium": 82.7}
+# CORL's TD3+BC on D4RL v2, "last scores" of its README (mean of 4 seeds)
+CORL_TD3BC_SCORE: dict[str, float] = {
+    "halfcheetah-medium": 48.1,
+    "halfcheetah-medium-replay": 44.8,
+    "halfcheetah-medium-expert": 90.8,
+    "hopper-medium": 60.4,
+    "hopper-medium-replay": 64.4,
+    "hopper-medium-expert": 101.2,
+    "walker2d-medium": 82.7,
+    "walker2d-medium-replay": 85.6,
+    "walker2d-medium-expert": 110.0,
+}
 
 
 def hash_json(d: object) -> str:
