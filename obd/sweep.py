@@ -187,6 +187,14 @@ def comparable(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in IGNORED_IN_COMPARISON}
 
 
+def comparable_run(cfg: dict) -> dict:
+    """What a run's result depends on: its full config, a stored one completed with today's defaults
+    for fields added since (it ran with their default), without execution details."""
+    full = to_dict(merge(RunConfig(), cfg))
+    full["distill"].pop("cuda_graph", None)  # graph replay computes what eager execution does
+    return comparable(full)
+
+
 # ------------------------------------------------------------------ the sweep
 
 
@@ -510,7 +518,7 @@ class Sweep:
             path = out / "metrics.json"
             if path.is_file():
                 m = json.loads(path.read_text())
-                diff = config_difference(comparable(m["config"]), comparable(to_dict(cfg)))
+                diff = config_difference(comparable_run(m["config"]), comparable_run(to_dict(cfg)))
                 if diff:
                     raise ObdError(
                         f"{path} was run with another configuration ({diff}); use another --out, "

@@ -70,7 +70,7 @@ def run_all(
     """Every (task, method, seed) run; finished ones are read back, the rest run ``jobs`` at a time."""
 
     from obd.config import build_config, to_dict
-    from obd.sweep import comparable, config_difference, run_configs
+    from obd.sweep import comparable_run, config_difference, run_configs
     from obd.targets import prepare_targets
 
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
@@ -99,7 +99,7 @@ def run_all(
                 path = run_dir / "metrics.json"
                 if path.is_file():
                     m = json.loads(path.read_text())
-                    diff = config_difference(comparable(m["config"]), comparable(to_dict(cfg)))
+                    diff = config_difference(comparable_run(m["config"]), comparable_run(to_dict(cfg)))
                     if diff:
                         raise ObdError(f"{path} was run with another configuration ({diff}); use another --out")
                     results[(task, method, seed)] = m

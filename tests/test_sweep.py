@@ -385,3 +385,21 @@ def test_batched_sweep_asks_trials_in_batches_and_takes_up_orphaned_ones(tmp_pat
     assert trials[1].state == TrialState.COMPLETE and sorted(trials[1].intermediate_values) == [2, 4]
     assert all(t.user_attrs["engine"] == "batched" for t in trials)
     assert not (out / "trials" / "avpbc" / "trial-002" / "metrics.json").exists()
+
+
+def test_a_stored_run_from_before_a_new_field_is_still_the_same_configuration():
+    """A finished run whose stored config predates a field (it ran with the default) is kept; an
+    execution detail (CUDA graph on or off) never makes a difference; a real change does."""
+    from obd.config import RunConfig, to_dict
+    from obd.sweep import comparable_run, config_difference
+
+    now = to_dict(RunConfig())
+    old = to_dict(RunConfig())
+    del old["distill"]["inner_precision"], old["distill"]["cuda_graph"]
+    assert config_difference(comparable_run(old), comparable_run(now)) is None
+    eager = to_dict(RunConfig())
+    eager["distill"]["cuda_graph"] = False
+    assert config_difference(comparable_run(eager), comparable_run(now)) is None
+    other = to_dict(RunConfig())
+    other["distill"]["inner_precision"] = "bfloat16"
+    assert config_difference(comparable_run(other), comparable_run(now)).startswith("distill.inner_precision")
