@@ -59,6 +59,17 @@ def bench_outer(repeat: int) -> dict:
             repeat,
         )
         out[f"{name}_fast_s"], out[f"{name}_ref_s"] = fast, ref
+
+    def bf16():  # distill.inner_precision: bfloat16 (the products in bf16 under autocast)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return outer_grad_unrolled(S, A, p0, obs, target, q_w, 100, 0.1)
+
+    out["avpbc_bf16_s"] = _time(bf16, repeat)
+    exact = outer_grad_fast(
+        S.double(), A.double(), [q.double() for q in p0], obs.double(), target.double(), q_w.double(), 100, 0.1
+    )
+    for name, got in (("fp32", outer_grad_fast(S, A, p0, obs, target, q_w, 100, 0.1)), ("bf16", bf16())):
+        out[f"{name}_grad_rel_err"] = float((got[1].double() - exact[1]).norm() / exact[1].norm())
     return out
 
 
@@ -279,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     print(f"  floor: the 1,800 matrix products of 256^3 alone take {outer['gemm_floor_s']:.3f} s", flush=True)
+    print(
+        f"  bf16 inner products (autocast, autograd unroll): {outer['avpbc_bf16_s']:.3f} s; relative error of "
+        f"dL/dS against float64: float32 {outer['fp32_grad_rel_err']:.3f}, bf16 {outer['bf16_grad_rel_err']:.3f}",
+        flush=True,
+    )
     x = np.random.default_rng(0).standard_normal((a.density_n, 17)).astype(np.float32)
     t = time.perf_counter()
     density_weights(x, DensityConfig())
@@ -313,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         "outer_iter_sdw_fast_s": outer["sdw_fast_s"],
         "outer_iter_sdw_ref_s": outer["sdw_ref_s"],
         "outer_iter_gemm_floor_s": outer["gemm_floor_s"],
+        "outer_iter_bf16_s": outer["avpbc_bf16_s"],
+        "outer_grad_rel_err": {"float32": outer["fp32_grad_rel_err"], "bfloat16": outer["bf16_grad_rel_err"]},
         "density_1m_s": dens,
         "density_n": a.density_n,
         "rollout_steps_per_s": rollout,
