@@ -44,7 +44,8 @@ train: venv
 
 SWEEP_ARGS = --task $(TASK) $(if $(TRIALS),--trials $(TRIALS)) $(if $(SEEDS),--seeds $(SEEDS)) \
 	$(if $(BUDGET),--budget $(BUDGET)) $(if $(STORAGE),--storage $(STORAGE)) $(if $(OUT),--out $(OUT)) \
-	$(if $(METHODS),--methods $(METHODS))
+	$(if $(METHODS),--methods $(METHODS)) $(if $(DEVICE),--device $(DEVICE)) \
+	$(if $(BATCH_TRIALS),--batched --batch-trials $(BATCH_TRIALS))
 
 sweep: venv
 	$(PY) -m obd.sweep $(SWEEP_ARGS)
