@@ -289,7 +289,7 @@ def plot(rows: list[dict], path: Path) -> None:
         if f"{m}_mean" in rows[0]:
             ax.bar(
                 x + off,
-                [r[f"{m}_mean"] for r in rows],
+                [r[f"{m}_mean"] if r[f"{m}_mean"] is not None else np.nan for r in rows],  # not run yet: no bar
                 0.38,
                 yerr=[r[f"{m}_std"] or 0 for r in rows],
                 capsize=4,
@@ -313,7 +313,14 @@ def plot(rows: list[dict], path: Path) -> None:
                 zorder=3,
             )
     if "random_mean" in rows[0]:
-        ax.scatter(x, [r["random_mean"] for r in rows], marker="x", color="gray", label="random pairs (ours)", zorder=3)
+        ax.scatter(
+            x,
+            [r["random_mean"] if r["random_mean"] is not None else np.nan for r in rows],
+            marker="x",
+            color="gray",
+            label="random pairs (ours)",
+            zorder=3,
+        )
     ax.set_xticks(x, [r["task"] for r in rows], rotation=20, ha="right")
     ax.set_ylabel("normalized return")
     ax.set_title(f"256 distilled pairs, budget {rows[0]['budget']}\nmean +/- std over seeds", fontsize=10)

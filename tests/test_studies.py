@@ -122,3 +122,13 @@ def test_table_batched_engine(tmp_path):
     assert m["engine"] == "batched" and m["seed"] == 1 and m["history"]
     rows = list(csv.DictReader(open(tmp_path / "res" / "table.csv")))
     assert rows[0]["sdw_n"] == "2" and rows[0]["random_n"] == "2"
+
+
+def test_table_plot_with_a_method_not_run_yet(tmp_path):
+    """A dataset whose SDW runs have not finished is plotted without them (it used to raise)."""
+    from obd.table import plot
+
+    row = {"task": "walker2d-medium", "budget": "quick", "published_avpbc": 39.5, "published_sdw": None}
+    row |= {"avpbc_mean": 11.3, "avpbc_std": 2.6, "sdw_mean": None, "sdw_std": None, "random_mean": None}
+    plot([row], tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 1000
