@@ -118,18 +118,27 @@ def _full_kde_log_density(states: np.ndarray, cfg: DensityConfig, chunk: int = 2
 
 
 def weights_from_log_density(logp: np.ndarray, alpha: float, clip: float | None) -> np.ndarray:
-    """w = p^-alpha / mean, capped at ``clip`` x mean and renormalized; alpha = 0 gives exactly 1."""
+    """w = p^-alpha / mean, capped at ``clip`` x mean: the exact fixed point w_i = min(s p_i^-alpha, clip)
+    with mean 1 (water-filling on the sorted log-weights, all in log space so that no state underflows
+    to zero); alpha = 0 gives exactly 1."""
     if alpha == 0:
         return np.ones_like(logp, dtype=np.float32)
-    lw = -alpha * logp
-    w = np.exp(lw - lw.max())
-    w /= w.mean()
-    if clip is not None:
-        for _ in range(20):  # capping lowers the mean, so cap and renormalize until stable
-            w = np.minimum(w, clip)
-            w /= w.mean()
-            if w.max() <= clip * (1 + 1e-6):
-                break
+    lw = -alpha * np.asarray(logp, dtype=np.float64)
+    n = len(lw)
+    if clip is None or clip >= n:  # no cap, or a cap that a mean of 1 can never reach
+        w = np.exp(lw - lw.max())
+        return (w / w.mean()).astype(np.float32)
+    if clip <= 1:
+        raise ValueError(f"density.clip must exceed 1 (x the mean weight), got {clip}")
+    order = np.sort(lw)[::-1]
+    tail = np.logaddexp.accumulate(order[::-1])[::-1]  # tail[k] = log sum_{i >= k} exp(order[i])
+    k = np.arange(n)
+    room = n - k * clip  # what the uncapped states must add up to when the k largest are capped
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_s = np.where(room > 0, np.log(np.maximum(room, 1e-300)) - tail, np.inf)
+    ok = (room > 0) & (log_s + order <= np.log(clip))
+    first = int(np.argmax(ok))  # the fewest capped states that make the rest consistent
+    w = np.minimum(np.exp(np.minimum(log_s[first] + lw, np.log(clip))), clip)
     return w.astype(np.float32)
 
 
