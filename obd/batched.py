@@ -372,8 +372,8 @@ def advance_batched(
 
         graphed = Graphed(outer_grad_batched)  # recaptured when the batch changes (a run ends or is dropped)
     runs = [Run(c) for c in cfgs]
-    for r, ls in zip(runs, listeners or [[] for _ in runs]):
-        r.listeners, r.stopped = list(ls), None
+    for r, ls in zip(runs, listeners or []):
+        r.listeners = list(ls)
     active = [r for r in runs if r.step < r.cfg.outer_steps]
     total = sum(r.cfg.outer_steps - r.step for r in active)
     bar = tqdm(total=total, desc=f"{len(runs)} runs, batched", unit="run-step", disable=not show_progress)

@@ -74,15 +74,15 @@ def compare_results(a_dir: str, b_dir: str) -> list[dict]:
     a, b = load(a_dir), load(b_dir)
     rows = []
     for key in sorted(set(a) & set(b)):
+        seeds = sorted(set(a[key]) & set(b[key]))
+        if not seeds:
+            continue
         row: dict = {"task": key[0], "method": key[1]}
         for what in ("score", "final_score"):
-            sa = {s: float(m[what]) for s, m in a[key].items()}
-            sb = {s: float(m[what]) for s, m in b[key].items()}
-            row[what] = {
-                "a_mean": float(np.mean([sa[s] for s in sorted(set(sa) & set(sb))] or [np.nan])),
-                "b_mean": float(np.mean([sb[s] for s in sorted(set(sa) & set(sb))] or [np.nan])),
-                **paired_comparison(sa, sb),
-            }
+            sa = {s: float(a[key][s][what]) for s in seeds}
+            sb = {s: float(b[key][s][what]) for s in seeds}
+            row[what] = {"a_mean": float(np.mean(list(sa.values()))), "b_mean": float(np.mean(list(sb.values())))}
+            row[what] |= paired_comparison(sa, sb)
         rows.append(row)
     return rows
 

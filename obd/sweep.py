@@ -201,10 +201,10 @@ def comparable_run(cfg: dict) -> dict:
 def _worker_alive(worker: str) -> bool:
     """Whether the process named "host:pid" still runs; a process on another host counts as alive."""
     host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return host != socket.gethostname()
-    if int(pid) == os.getpid():
-        return False  # this process: a trial of an earlier batch it did not finish (interrupted in-process)
+    if host != socket.gethostname():
+        return True  # cannot tell from here
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False  # unnamed, or this process: a batch it did not finish (interrupted in-process)
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

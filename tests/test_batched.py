@@ -17,14 +17,22 @@ def problem(seed: int, n=8, d=5, a=2, hidden=(7, 6), B=30):
     return S, A, p0, obs, target, weight
 
 
+def stacked(runs: list[tuple]) -> tuple:
+    """(S, A, params0, obs, target, weight) of several ``problem`` runs, stacked along a run dimension."""
+    return (
+        torch.stack([r[0] for r in runs]),
+        torch.stack([r[1] for r in runs]),
+        stack_params([r[2] for r in runs]),
+        *(torch.stack([r[i] for r in runs]) for i in (3, 4, 5)),
+    )
+
+
 def test_batched_runs_equal_separate_runs_in_float64():
     """Issue 11: K runs with different seeds, weights, learning rates and inner-step counts (masked up to
     the maximum) get, in one batched iteration, exactly the gradient each gets alone."""
     runs = [problem(s) for s in range(3)]
     steps, lrs = [2, 5, 3], [0.5, 0.3, 0.2]
-    S, A = torch.stack([r[0] for r in runs]), torch.stack([r[1] for r in runs])
-    p0 = stack_params([r[2] for r in runs])
-    obs, target, weight = (torch.stack([r[i] for r in runs]) for i in (3, 4, 5))
+    S, A, p0, obs, target, weight = stacked(runs)
     loss, gS, gA = outer_grad_batched(
         S, A, p0, obs, target, weight, torch.tensor(steps), torch.tensor(lrs, dtype=torch.float64)
     )
@@ -51,14 +59,7 @@ def test_batched_runs_equal_separate_runs_in_float64():
 def test_engines_agree_in_float64():
     """The per-run loop (CPU default) and the bmm engine (CUDA default) give the same K gradients."""
     runs = [problem(s) for s in range(3)]
-    args = (
-        torch.stack([r[0] for r in runs]),
-        torch.stack([r[1] for r in runs]),
-        stack_params([r[2] for r in runs]),
-        *(torch.stack([r[i] for r in runs]) for i in (3, 4, 5)),
-        torch.tensor([2, 5, 3]),
-        torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64),
-    )
+    args = (*stacked(runs), torch.tensor([2, 5, 3]), torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
     for a, b in zip(outer_grad_runs(*args, engine="loop"), outer_grad_runs(*args, engine="bmm")):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
     with pytest.raises(ValueError, match="unknown engine"):
@@ -107,12 +108,7 @@ def test_cuda_unavailable_is_one_line_from_the_cli(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_batched_on_cuda_matches_cpu_in_float64():
     runs = [problem(s) for s in range(2)]
-    args_cpu = (
-        torch.stack([r[0] for r in runs]),
-        torch.stack([r[1] for r in runs]),
-        stack_params([r[2] for r in runs]),
-        *(torch.stack([r[i] for r in runs]) for i in (3, 4, 5)),
-    )
+    args_cpu = stacked(runs)
     steps, lr = torch.tensor([3, 4]), torch.tensor([0.3, 0.2], dtype=torch.float64)
     cpu = outer_grad_batched(*args_cpu, steps, lr)
     to = lambda x: [q.cuda() for q in x] if isinstance(x, list) else x.cuda()  # noqa: E731
@@ -250,23 +246,18 @@ def test_cuda_graph_replay_equals_eager(dtype):
     from obd.distill import _Tape
 
     tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-7}
+    cuda = lambda x: [q.cuda().to(dtype) for q in x] if isinstance(x, list) else x.cuda().to(dtype)  # noqa: E731
     graphed = Graphed(outer_grad_fast, keepalive=lambda: _Tape._cached)
     for seed in range(3):
-        S, A, p0, obs, target, weight = (
-            [q.cuda().to(dtype) for q in x] if isinstance(x, list) else x.cuda().to(dtype) for x in problem(seed)
-        )
+        S, A, p0, obs, target, weight = (cuda(x) for x in problem(seed))
         eager = outer_grad_fast(S, A, p0, obs, target, weight, 4, 0.3)
         replay = graphed(S, A, p0, obs, target, weight, 4, 0.3)
         for e, r in zip(eager, replay):
             torch.testing.assert_close(r, e, **tol)
     assert graphed.captures == 1
     runs = [problem(s) for s in range(3)]
-    cuda = lambda x: x.cuda().to(dtype)  # noqa: E731
     args = (
-        cuda(torch.stack([r[0] for r in runs])),
-        cuda(torch.stack([r[1] for r in runs])),
-        [cuda(q) for q in stack_params([r[2] for r in runs])],
-        *(cuda(torch.stack([r[i] for r in runs])) for i in (3, 4, 5)),
+        *(cuda(x) for x in stacked(runs)),
         torch.tensor([2, 5, 3]),
         torch.tensor([0.5, 0.3, 0.2], dtype=dtype),
     )
