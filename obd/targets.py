@@ -38,7 +38,7 @@ from obd.seeding import derive_seed
 log = logging.getLogger(__name__)
 
 # CORL's published TD3+BC scores on D4RL v2 medium (normalized return; the teacher's yardstick).
-# CORL's TD3+BC on D4RL v2, "last scores" of its README (mean of 4 seeds)
+# CORL's TD3+BC on D4RL v2: the "Last Scores" table of its README (tinkoff-ai/CORL)
 CORL_TD3BC_SCORE: dict[str, float] = {
     "halfcheetah-medium": 48.1,
     "halfcheetah-medium-replay": 44.8,
