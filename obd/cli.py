@@ -5,6 +5,7 @@ obd sweep ...      Optuna studies, finals, report  (obd.sweep)
 obd evaluate ...   re-evaluate a synthetic set     (obd.evaluate)
 obd report ...     rewrite a sweep's report        (obd.report)
 obd data ...       generate / summarise datasets   (obd.data)
+obd targets ...    teacher, Q and SDW weights      (obd.targets)
 obd behavior ...   behaviour SAC: train / export   (obd.behavior)
 obd bench          speed figures                   (obd.bench)
 """
@@ -23,6 +24,7 @@ COMMANDS = {
     "export": "obd.export",
     "report": "obd.report",
     "table": "obd.table",
+    "targets": "obd.targets",
     "misalignment": "obd.misalignment",
     "data": "obd.data.__main__",
     "behavior": "obd.behavior.__main__",

@@ -160,8 +160,17 @@ class Targets:
         if method != "random":
             _, w = self.targets_and_weights(method, beta, density)
             out["weight_stats"] = weight_stats(w)
+            if self.q is not None and method in ("avpbc", "sdw"):
+                # Where the weight goes in value terms: 0.5 would be value-neutral.
+                low = self.q < self.q.median()
+                out["weight_stats"]["low_q_share"] = float(w[low].double().sum() / w.double().sum())
             if method == "sdw":
                 out["density_weight_stats"] = weight_stats(self.density_weights(density))
+                if self.q is not None and self.log_density is not None:
+                    # Positive: rare states are low-value ones, so SDW moves weight towards them.
+                    out["density_q_correlation"] = float(
+                        torch.corrcoef(torch.stack([self.log_density.double(), self.q.double()]))[0, 1]
+                    )
         return out
 
 
@@ -288,3 +297,40 @@ def _density_stage(t: Targets, cfg: DensityConfig, cache: Path) -> None:
         _save_atomic(logp, path)
     t.log_density = torch.from_numpy(logp)
     t.artifacts["log_density"] = str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m obd.targets SOURCE``: prepare (or read back from the cache) the targets a run of
+    METHOD would use and print what the run would log about them (``Targets.describe``) as JSON."""
+    import argparse
+
+    from obd.config import METHODS, budget_names, build_config
+    from obd.errors import ConfigError
+    from obd.tracking import setup_logging
+
+    p = argparse.ArgumentParser(prog="python -m obd.targets", description=main.__doc__)
+    p.add_argument("source", help="a task name (generated data) or any source obd.train accepts")
+    p.add_argument("--method", default="sdw", help="default sdw")
+    p.add_argument("--budget", default="quick", help="whose teacher and density settings (default quick)")
+    p.add_argument("--alpha", type=float, default=None, help="SDW's density exponent (default: the budget's)")
+    a = p.parse_args(argv)
+    if a.method not in METHODS:
+        raise ConfigError(f"unknown method {a.method!r}; choose from {', '.join(METHODS)}")
+    if a.budget not in budget_names():
+        raise ConfigError(f"unknown budget {a.budget!r}; choose one of {', '.join(budget_names())}")
+    setup_logging()
+    layer: dict = {"data": {"source": a.source}}
+    if a.alpha is not None:
+        layer["density"] = {"alpha": a.alpha}
+    cfg = build_config(a.budget, [layer])
+    t = prepare_targets(cfg, a.method)
+    print(json.dumps(t.describe(a.method, cfg.distill.beta, cfg.density), indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from obd.errors import cli
+
+    sys.exit(cli(main))

@@ -74,6 +74,47 @@ def test_density_estimate_is_cached_once_for_every_alpha_and_clip(tmp_path):
     assert len(list(cache.glob("logp-*.npy"))) == 2  # k changes the estimate
 
 
+def test_describe_says_where_sdw_moves_the_weight_in_value_terms():
+    """Rare states that are low-value (log p and Q correlated) pull SDW's weight below the median Q."""
+    from obd.data import get_task
+    from obd.targets import Targets
+
+    n = 2000
+    g = torch.Generator().manual_seed(0)
+    q = torch.rand(n, generator=g) * 100 + 1
+    log_density = q / 10 + 0.1 * torch.randn(n, generator=g)  # the rare states are the low-Q ones
+    t = Targets(
+        task=get_task("hopper-medium"),
+        data_hash="x",
+        obs=torch.randn(n, 11, generator=g),
+        actions=torch.zeros(n, 3),
+        mean=torch.zeros(11),
+        std=torch.ones(11),
+        behaviour_score=0.0,
+        teacher_actions=torch.zeros(n, 3),
+        q=q,
+        log_density=log_density,
+    )
+    dens = DensityConfig(alpha=1.0, clip=10.0)
+    av, sdw = t.describe("avpbc", 0.02, dens), t.describe("sdw", 0.02, dens)
+    assert av["weight_stats"]["low_q_share"] < 0.5 < sdw["weight_stats"]["low_q_share"]
+    assert sdw["density_q_correlation"] > 0.9
+    assert "density_q_correlation" not in av and "low_q_share" not in t.describe("pbc", 0.02, dens)["weight_stats"]
+
+
+def test_targets_command_prints_the_description(tmp_path, monkeypatch, capsys):
+    from obd.targets import main
+
+    monkeypatch.setenv("OBD_DATA_DIR", str(tmp_path / "data"))
+    with pytest.raises(Exception, match="unknown method"):
+        main(["hopper-random", "--method", "nope"])
+    assert main(["hopper-random", "--budget", "smoke", "--alpha", "0.5"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["task"] == "hopper-random" and d["transitions"] == 20000
+    assert -1 <= d["density_q_correlation"] <= 1 and 0 < d["weight_stats"]["low_q_share"] < 1
+    assert d["density_weight_stats"]["max_over_mean"] <= 10.0 + 1e-4  # the budget's cap
+
+
 @pytest.mark.slow
 def test_tiny_run_lowers_outer_loss_and_saves(tmp_path):
     cfg = tiny_cfg(tmp_path, distill={"method": "sdw", "outer_lr": 1.0})
