@@ -60,24 +60,37 @@ def verdict(c: dict) -> str:
 
 def compare_results(a_dir: str, b_dir: str) -> list[dict]:
     """Runs of two result folders (``OUT/runs/TASK/METHOD-sSEED/metrics.json``, as ``obd.table`` writes)
-    paired by (task, method, seed): A - B of the last-K score and of the final evaluation."""
+    paired by (task, method, seed): A - B of the last-K score and of the final evaluation.
+
+    ``FOLDER:METHOD`` on both sides pairs A's METHOD with B's (e.g. ``new:sdw old:avpbc``) by task and seed.
+    """
     import json
     from pathlib import Path
 
-    def load(d: str) -> dict[tuple[str, str], dict[int, dict]]:
+    def split(spec: str) -> tuple[str, str | None]:
+        folder, _, method = spec.rpartition(":")
+        return (folder, method) if folder and method and not Path(spec).exists() else (spec, None)
+
+    def load(d: str, only: str | None) -> dict[tuple[str, str], dict[int, dict]]:
         runs: dict[tuple[str, str], dict[int, dict]] = {}
         for p in sorted(Path(d).glob("runs/*/*/metrics.json")):
             m = json.loads(p.read_text())
-            runs.setdefault((m["task"], m["method"]), {})[int(m["seed"])] = m
+            if only is None or m["method"] == only:
+                runs.setdefault((m["task"], "" if only else m["method"]), {})[int(m["seed"])] = m
         return runs
 
-    a, b = load(a_dir), load(b_dir)
+    (a_path, a_method), (b_path, b_method) = split(a_dir), split(b_dir)
+    if (a_method is None) != (b_method is None):
+        from obd.errors import ObdError
+
+        raise ObdError("name a method on both sides (FOLDER:METHOD) or on neither")
+    a, b = load(a_path, a_method), load(b_path, b_method)
     rows = []
     for key in sorted(set(a) & set(b)):
         seeds = sorted(set(a[key]) & set(b[key]))
         if not seeds:
             continue
-        row: dict = {"task": key[0], "method": key[1]}
+        row: dict = {"task": key[0], "method": key[1] or f"{a_method} - {b_method}"}
         for what in ("score", "final_score"):
             sa = {s: float(a[key][s][what]) for s in seeds}
             sb = {s: float(b[key][s][what]) for s in seeds}
@@ -94,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m obd.stats",
         description="A - B for the runs two result folders share (paired by task, method and seed).",
     )
-    p.add_argument("a", help="a results folder (OUT of obd.table)")
-    p.add_argument("b", help="another one")
+    p.add_argument("a", help="a results folder (OUT of obd.table), or FOLDER:METHOD")
+    p.add_argument("b", help="another one (FOLDER:METHOD when A names a method)")
     args = p.parse_args(argv)
     rows = compare_results(args.a, args.b)
     if not rows:

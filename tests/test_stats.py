@@ -65,3 +65,9 @@ def test_compare_two_result_folders_pairs_by_task_method_and_seed(tmp_path, caps
     assert rows[0]["score"]["n_pairs"] == 3 and abs(rows[0]["score"]["a_mean"] - 33.0 - 1 / 3) < 1e-9
     assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert "hopper-medium avpbc final evaluation: A 34.3, B 32.3, A - B +2.0" in capsys.readouterr().out
+    # one method against another: A's sdw (seed 0 only) against B's avpbc
+    rows = compare_results(f"{tmp_path / 'a'}:sdw", f"{tmp_path / 'b'}:avpbc")
+    assert [(r["task"], r["method"]) for r in rows] == [("hopper-medium", "sdw - avpbc")]
+    assert rows[0]["score"]["n_pairs"] == 1 and rows[0]["score"]["mean_difference"] == 1.0 - 30.0
+    with pytest.raises(Exception, match="on both sides"):
+        compare_results(f"{tmp_path / 'a'}:sdw", str(tmp_path / "b"))
