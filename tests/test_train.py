@@ -103,11 +103,14 @@ def test_describe_says_where_sdw_moves_the_weight_in_value_terms():
 
 
 def test_targets_command_prints_the_description(tmp_path, monkeypatch, capsys):
+    from obd.errors import ConfigError
     from obd.targets import main
 
     monkeypatch.setenv("OBD_DATA_DIR", str(tmp_path / "data"))
-    with pytest.raises(Exception, match="unknown method"):
+    with pytest.raises(ConfigError, match="unknown method"):
         main(["hopper-random", "--method", "nope"])
+    with pytest.raises(ConfigError, match="unknown budget"):
+        main(["hopper-random", "--budget", "nope"])
     assert main(["hopper-random", "--budget", "smoke", "--alpha", "0.5"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["task"] == "hopper-random" and d["transitions"] == 20000
