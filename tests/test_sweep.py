@@ -186,7 +186,9 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
     assert 1 <= len(failed) <= 2  # the killed trials (one per parallel job) are recorded ...
     for f in failed:  # ... and each is retried once with its parameters
         retry = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == f.number]
-        assert len(retry) == 1 and retry[0].params == f.params
+        assert len(retry) == 1
+        if f.params:  # a trial killed before its parameters were sampled has none to keep; its retry samples anew
+            assert retry[0].params == f.params
 
 
 def test_pruner_sees_each_evaluation_step():
