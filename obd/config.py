@@ -325,39 +325,43 @@ def read_yaml(path: Path) -> Any:
 
 
 def load_budget(name: str) -> dict:
-    """The budget's YAML mapping: config keys, plus ``when`` clauses (list of {env?, method?, set})."""
+    """The budget's YAML mapping: config keys, plus ``when`` clauses (list of {env?, kind?, method?, set})."""
     path = sweeps_dir() / "budgets" / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown budget {name!r}; choose one of {', '.join(budget_names())}")
     spec = read_yaml(path) or {}
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: a budget is a mapping of config keys")
+    for clause in spec.get("when") or []:
+        if not isinstance(clause, dict) or not set(clause) <= {"env", "kind", "method", "set"}:
+            raise ConfigError(f"{path}: a when clause is a mapping of env?, kind?, method? and set, not {clause!r}")
     return spec
 
 
-def _matches(clause: dict, env: str | None, method: str) -> bool:
+def _matches(clause: dict, task: tuple[str, str] | None, method: str) -> bool:
     def hit(want: Any, have: str | None) -> bool:
         return want is None or have in ([want] if isinstance(want, str) else want)
 
-    return hit(clause.get("env"), env) and hit(clause.get("method"), method)
+    env, kind = task or (None, None)
+    return hit(clause.get("env"), env) and hit(clause.get("kind"), kind) and hit(clause.get("method"), method)
 
 
-def build_config(budget: str, layers: typing.Sequence[typing.Mapping] = (), env: str | None = None) -> RunConfig:
+def build_config(budget: str, layers: typing.Sequence[typing.Mapping] = ()) -> RunConfig:
     """The RunConfig of ``budget`` with ``layers`` applied in order (later wins).
 
-    ``env`` (halfcheetah|hopper|walker2d) selects the budget's per-env clauses; when None it is read
-    off the merged ``data.task`` / ``data.source`` where that is a task name.
+    The budget's ``when`` clauses select on ``env`` (halfcheetah|hopper|walker2d), ``kind``
+    (medium, medium-expert, ...) and ``method``; env and kind are read off the merged
+    ``data.task`` / ``data.source`` where that is a task name.
     """
     spec = load_budget(budget)
     when = spec.pop("when", None) or []
     probe = RunConfig()
     for layer in layers:
         merge(probe, layer)
-    if env is None:
-        env = _env_of(probe.data)
+    task = _task_of(probe.data)
     cfg = merge(RunConfig(), spec)
     for clause in when:
-        if _matches(clause, env, probe.distill.method):
+        if _matches(clause, task, probe.distill.method):
             merge(cfg, clause.get("set") or {})
     for layer in layers:
         merge(cfg, layer)
@@ -365,12 +369,14 @@ def build_config(budget: str, layers: typing.Sequence[typing.Mapping] = (), env:
     return cfg
 
 
-def _env_of(data: DataConfig) -> str | None:
-    from obd.data.tasks import ENVS
+def _task_of(data: DataConfig) -> tuple[str, str] | None:
+    """(env, kind) of the run's task name, or None when the source is a file that names no task."""
+    from obd.data.tasks import ENVS, KINDS
 
     for name in (data.task, data.source.removeprefix("d4rl:")):
-        if name and name.split("-")[0] in ENVS:
-            return name.split("-")[0]
+        env, _, kind = (name or "").partition("-")
+        if env in ENVS and kind in KINDS:
+            return env, kind
     return None
 
 

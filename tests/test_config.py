@@ -108,3 +108,24 @@ def test_bad_config_value_fails_before_any_work(tmp_path):
     )
     assert r.returncode == 2 and "'distill.inner_steps': expected int, got 'ten'" in r.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+def test_when_clauses_select_on_dataset_kind(tmp_path, monkeypatch):
+    def teacher_steps(task: str) -> int:
+        return build_config("quick", [{"data": {"source": task}}]).teacher.td3bc.steps
+
+    assert teacher_steps("halfcheetah-medium") == 30_000
+    assert teacher_steps("halfcheetah-medium-expert") == teacher_steps("hopper-medium") == 200_000
+    assert teacher_steps("/some/file.hdf5") == 30_000  # a file names no task: no clause applies
+    (tmp_path / "budgets").mkdir()
+    (tmp_path / "budgets" / "bad.yaml").write_text("when:\n  - {dataset: medium, set: {outer_steps: 3}}\n")
+    monkeypatch.setattr("obd.config.sweeps_dir", lambda: tmp_path)
+    with pytest.raises(ConfigError, match="bad.yaml: a when clause is a mapping of env"):
+        build_config("bad")
+
+
+def test_sweep_and_quick_budgets_share_every_teacher():
+    for env in ("halfcheetah", "hopper", "walker2d"):
+        for kind in ("random", "medium", "medium-replay", "medium-expert", "expert"):
+            layer = [{"data": {"source": f"{env}-{kind}"}}]
+            assert build_config("sweep", layer).teacher == build_config("quick", layer).teacher, (env, kind)
