@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,24 @@ def test_expert_added_later_keeps_the_shipped_medium(tmp_path):
     train_sac(task, SACConfig(total_steps=300, seed=1, **TINY), other, show_progress=False)
     with pytest.raises(ObdError, match="not a snapshot of this SAC run"):
         export_policy(task, other, tmp_path / "x.pt", episodes=1, keep_medium=early)
+
+    # data generated before the expert was added stays valid; data of a replaced expert is refused
+    shipped = tmp_path / "data" / "policies" / "hopper.pt"
+    shipped.parent.mkdir(parents=True)
+    shutil.copy(early, shipped)
+    collect(get_task("hopper-medium"), 100, show_progress=False)
+    shutil.copy(final, shipped)
+    assert len(load_source("hopper-medium", size=100)) == 100
+    collect(get_task("hopper-expert"), 100, show_progress=False)
+    b["expert"]["actor"]["net.0.weight"] += 0.01  # an expert trained further and exported again
+    torch.save(b, shipped)
+    assert len(load_source("hopper-medium", size=100)) == 100
+    for read in (
+        lambda: load_source("hopper-expert", size=100),
+        lambda: collect(get_task("hopper-expert"), 100, show_progress=False),
+    ):
+        with pytest.raises(DatasetError, match=r"hopper-expert-n100-s0.hdf5: rolled out from other hopper behaviour"):
+            read()
 
 
 def run_cli(*args, env=None):

@@ -9,14 +9,18 @@ D4RL's recipe, with our own behaviour SAC (:mod:`obd.behavior.sac`):
   ``learning_starts`` steps uniform random);
 - ``expert``: the fully trained policy; ``medium-expert``: medium followed by expert.
 Datasets are written in D4RL's hdf5 layout where :func:`obd.data.generated_path` says (keyed by
-task, size and data seed), so a second call is a cache hit.
+task, size and data seed), so a second call is a cache hit; each file records a digest of the
+behaviour actors it was rolled out from, so a file made by other policies than the current policy
+file (e.g. an expert trained further and exported again) is refused instead of silently reused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -71,20 +75,60 @@ def _random_policy(act_dim: int, seed: int):
     return lambda obs: rng.uniform(-1.0, 1.0, (obs.shape[0], act_dim)).astype(np.float32)
 
 
+def _policy_state(pf: dict, env: str, kind: str) -> dict:
+    """The actor state dict of the ``medium`` or ``expert`` policy; a clear error when it is absent."""
+    if kind not in pf:
+        raise DatasetError(
+            f"no {kind} policy for {env} in {policy_file(env)}: its training has "
+            f"not reached it; resume it with `python -m obd.behavior train {env}`"
+        )
+    return pf[kind]["actor"]
+
+
+def behaviour_digest(task: Task) -> str:
+    """16 hex digits over the actors ``task``'s data is rolled out from (``"random"`` for random data)."""
+    if task.kind == "random":
+        return "random"
+    pf = load_policy_file(task.env)
+    if task.kind == "medium-replay":
+        actors = [s["actor"] for s in pf["replay"] if s["step"] > int(pf["learning_starts"])]
+    else:
+        actors = [_policy_state(pf, task.env, k) for k in task.kind.split("-")]  # medium, expert, or both
+    h = hashlib.blake2b(digest_size=8)
+    for state in actors:
+        for k in sorted(state):
+            h.update(k.encode())
+            h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_generated(path: Path, task: Task) -> None:
+    """Raise :class:`DatasetError` when the generated file ``path`` was rolled out from other behaviour
+    policies than the policy file holds now; files written before obd recorded the digest pass."""
+    try:
+        with h5py.File(path, "r") as f:
+            rec = f["metadata/behaviour_digest"][()] if "metadata/behaviour_digest" in f else None
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read as an hdf5 dataset ({e})") from None
+    if rec is None:
+        return
+    recorded = rec.decode() if isinstance(rec, bytes) else str(rec)
+    now = behaviour_digest(task)
+    if recorded != now:
+        raise DatasetError(
+            f"{path}: rolled out from other {task.env} behaviour policies than {policy_file(task.env)} "
+            f"holds now (digest {recorded}, now {now}); move the file away to generate it from the current ones"
+        )
+
+
 def _segments(task: Task, size: int, seed: int) -> list[tuple[str, Policy, int]]:
     """(label, numpy policy, n_steps) pieces whose rollouts make up the dataset."""
     if task.kind == "random":
         return [("random", _random_policy(task.act_dim, seed), size)]
     pf = load_policy_file(task.env)
     if task.kind in ("medium", "expert"):
-        if task.kind not in pf:
-            raise DatasetError(
-                f"no {task.kind} policy for {task.env} in {policy_file(task.env)}: its training has "
-                f"not reached it; resume it with `python -m obd.behavior train {task.env}`"
-            )
-        return [
-            (task.kind, actor_policy(make_actor(pf, pf[task.kind]["actor"]), True, derive_seed(seed, task.kind)), size)
-        ]
+        state = _policy_state(pf, task.env, task.kind)
+        return [(task.kind, actor_policy(make_actor(pf, state), True, derive_seed(seed, task.kind)), size)]
     if task.kind == "medium-expert":
         half = size // 2
         return _segments(Task(task.env, "medium"), half, seed) + _segments(Task(task.env, "expert"), size - half, seed)
@@ -110,6 +154,7 @@ def collect(task: Task, size: int | None = None, seed: int = 0, show_progress: b
     """Generate (or find cached) ``task``'s dataset with data seed ``seed``; returns the hdf5 path."""
     path = generated_path(task, size, seed)
     if path.is_file():
+        check_generated(path, task)
         return path
     size = size or default_size(task)
     torch.set_num_threads(1)
@@ -137,6 +182,7 @@ def collect(task: Task, size: int | None = None, seed: int = 0, show_progress: b
         "seed": seed,
         "obd_version": obd.__version__,
         "policies": ",".join(s[0] for s in segs),
+        "behaviour_digest": behaviour_digest(task),
     }
     write_d4rl_hdf5(path, arrays, infos={"qpos": tr.qpos, "qvel": tr.qvel}, metadata=meta)
     return path
