@@ -49,6 +49,32 @@ def test_sac_resumes_from_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+def test_interrupted_sac_run_resumes_exactly(tmp_path, monkeypatch):
+    """An interrupted, resumed run produces the same snapshots as an uninterrupted one (the medium
+    and expert policies of a dataset must come from one run, whatever interrupted it)."""
+    import obd.behavior.sac as sac
+
+    task, cfg = get_task("hopper-medium"), SACConfig(total_steps=600, **TINY)
+    straight = train_sac(task, cfg, tmp_path / "straight", show_progress=False)
+    save = sac.step_ckpt
+
+    def save_then_interrupt(path, *args):
+        save(path, *args)
+        if args[-2] >= 300:  # step
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sac, "step_ckpt", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_sac(task, cfg, tmp_path / "cut", show_progress=False)
+    assert 300 <= torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] < 600
+    monkeypatch.setattr(sac, "step_ckpt", save)
+    resumed = train_sac(task, cfg, tmp_path / "cut", show_progress=False)
+    assert [s["step"] for s in resumed] == [s["step"] for s in straight] == [150, 300, 450, 600]
+    for a, b in zip(straight, resumed):
+        assert a["score"] == b["score"] and all(torch.equal(a["actor"][k], b["actor"][k]) for k in a["actor"])
+
+
+@pytest.mark.slow
 def test_export_and_collect_each_kind(hopper_policies):
     out, meta = hopper_policies
     pf = torch.load(out, weights_only=True)

@@ -7,8 +7,9 @@ these can be rebuilt from small files.
 
 Speed on a 2-core CPU: the two critics are one batched ensemble (one ``baddbmm`` per layer),
 Adam is ``fused`` and the target update is a single ``_foreach_lerp_``.
-Training checkpoints (networks, optimisers, replay buffer, RNG) are written atomically every
-``checkpoint_every`` steps and a run resumes from them.
+Training checkpoints (networks, optimisers, replay buffer, RNGs) are written atomically at the
+first episode boundary after every ``checkpoint_every`` steps, and a run resumes from them exactly
+as it would have gone on (on CPU; tested), so interruptions do not change what the run produces.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class SACConfig:
     alpha_lr: float = 3e-4
     snapshot_every: int = 10_000
     eval_episodes: int = 5  # stochastic-policy episodes per snapshot (behaviour data is sampled)
-    checkpoint_every: int = 10_000  # ~2 minutes of training on one core: an interrupt loses at most that
+    checkpoint_every: int = 10_000  # ~2 minutes on one core: an interrupt loses that plus one episode
     seed: int = 0
 
 
@@ -194,13 +195,19 @@ def train_sac(
         gen.set_state(ck["gen"].cpu())
         rng.bit_generator.state = ck["rng"]
         step, episodes = ck["step"], ck["episodes"]
+        if "torch_rng" in ck:  # absent in checkpoints written before resumption was exact
+            torch.set_rng_state(ck["torch_rng"])
         snapshots = torch.load(snap_path, weights_only=True) if snap_path.exists() else []
         snapshots = [s for s in snapshots if s["step"] <= step]  # later ones are redone from here
     (workdir / "config.json").write_text(json.dumps({"task": task.name, **asdict(cfg)}, indent=1))
 
-    # An episode in flight is not checkpointed: resuming starts a fresh episode (seeded by count).
+    # Checkpoints are taken at episode boundaries and each episode's reset and acting noise are
+    # seeded by its index, so a resumed run continues exactly as the uninterrupted one (D4RL's medium
+    # and expert must come from one run). Extending a finished run (a larger total_steps) resumes from
+    # its last step, which may be mid-episode: that part starts a fresh episode.
     obs, _ = env.reset(seed=derive_seed(cfg.seed, "episode", episodes))
-    sample = actor_policy(agent.actor, stochastic=True, seed=derive_seed(cfg.seed, "acting", step))
+    sample = actor_policy(agent.actor, stochastic=True, seed=derive_seed(cfg.seed, "acting", episodes))
+    ckpt_due = False
     bar = tqdm(
         total=cfg.total_steps,
         initial=step,
@@ -221,6 +228,7 @@ def train_sac(
         if term or trunc:
             episodes += 1
             obs, _ = env.reset(seed=derive_seed(cfg.seed, "episode", episodes))
+            sample = actor_policy(agent.actor, stochastic=True, seed=derive_seed(cfg.seed, "acting", episodes))
         if step >= cfg.learning_starts:
             last = agent.update(*(x.to(dev) for x in buffer.sample(cfg.batch_size, gen)))
         step += 1
@@ -244,8 +252,10 @@ def train_sac(
             if stop_at_score is not None and score >= stop_at_score:
                 step_ckpt(ckpt_path, agent, buffer, gen, rng, step, episodes)
                 break
-        if step % cfg.checkpoint_every == 0:
+        ckpt_due = ckpt_due or step % cfg.checkpoint_every == 0
+        if ckpt_due and (term or trunc):
             step_ckpt(ckpt_path, agent, buffer, gen, rng, step, episodes)
+            ckpt_due = False
     else:
         step_ckpt(ckpt_path, agent, buffer, gen, rng, step, episodes)
     bar.close()
@@ -263,6 +273,7 @@ def step_ckpt(path: Path, agent: SAC, buffer: ReplayBuffer, gen, rng, step: int,
             "buffer": buffer.state_dict(),
             "gen": gen.get_state(),
             "rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),  # the actor's sampling noise in the SAC updates
             "step": step,
             "episodes": episodes,
         },
