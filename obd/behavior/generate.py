@@ -85,13 +85,18 @@ def _policy_state(pf: dict, env: str, kind: str) -> dict:
     return pf[kind]["actor"]
 
 
+def _acting_snapshots(pf: dict) -> list[dict]:
+    """The replay snapshots that acted in training (before ``learning_starts`` actions were random)."""
+    return [s for s in pf["replay"] if s["step"] > int(pf["learning_starts"])]
+
+
 def behaviour_digest(task: Task) -> str:
     """16 hex digits over the actors ``task``'s data is rolled out from (``"random"`` for random data)."""
     if task.kind == "random":
         return "random"
     pf = load_policy_file(task.env)
     if task.kind == "medium-replay":
-        actors = [s["actor"] for s in pf["replay"] if s["step"] > int(pf["learning_starts"])]
+        actors = [s["actor"] for s in _acting_snapshots(pf)]
     else:
         actors = [_policy_state(pf, task.env, k) for k in task.kind.split("-")]  # medium, expert, or both
     h = hashlib.blake2b(digest_size=8)
@@ -135,7 +140,7 @@ def _segments(task: Task, size: int, seed: int) -> list[tuple[str, Policy, int]]
     # medium-replay: each snapshot acted for the steps since the previous one.
     total = int(pf["medium"]["step"])
     starts = int(pf["learning_starts"])
-    acting = [s for s in pf["replay"] if s["step"] > starts]  # before learning_starts actions were random
+    acting = _acting_snapshots(pf)
     bounds = np.array([0, min(starts, total), *(s["step"] for s in acting)], dtype=np.float64)
     counts = np.diff(np.round(bounds / total * size)).astype(int)
     segs: list[tuple[str, Policy, int]] = [("random", _random_policy(task.act_dim, seed), int(counts[0]))]
