@@ -71,7 +71,7 @@ def run_all(
 
     from obd.config import build_config, to_dict
     from obd.sweep import comparable_run, config_difference, run_configs
-    from obd.targets import prepare_targets
+    from obd.targets import prepare_dataset, prepare_targets
 
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
     import torch
@@ -105,6 +105,16 @@ def run_all(
                     results[(task, method, seed)] = m
                 else:
                     todo[(task, method, seed)] = to_dict(cfg)
+    # a dataset regenerated since (e.g. from a re-exported expert) must not mix with runs on its old data
+    for task in sorted({k[0] for k in results}):
+        _, ds = prepare_dataset(build_config(budget, [*layers, {"data": {"source": task}}]).data)
+        now = ds.content_hash()
+        for (t, method, seed), m in results.items():
+            if t == task and m.get("data_hash", now) != now:
+                raise ObdError(
+                    f"{out / 'runs' / task / f'{method}-s{seed}'}: run on other data than {task}'s dataset now "
+                    f"(data hash {m['data_hash']}, now {now}); move {out / 'runs' / task} away to rerun {task}"
+                )
     # the shared stages (dataset, teacher, density) first, one task at a time, with progress bars
     for task in sorted({k[0] for k in todo}):
         needs = {k[1] for k in todo if k[0] == task}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from obd.behavior.export import export_policy
+from obd.behavior.export import export_policy, pick_expert
 from obd.behavior.generate import collect
 from obd.behavior.sac import SACConfig, train_sac
 from obd.data import DatasetError, generated_path, get_task, load_source
@@ -117,6 +117,38 @@ def test_export_and_collect_each_kind(hopper_policies):
     assert not np.array_equal(
         h5py.File(other)["actions"][()], h5py.File(generated_path(get_task("hopper-random"), 300, 1))["actions"][()]
     )
+
+
+def test_expert_is_the_best_remeasured_late_snapshot():
+    """The expert is picked among the last 10% of the run: the 5 best training-time estimates are
+    re-measured and the best re-measurement wins, however good an earlier snapshot looked."""
+    snaps = [
+        {"step": s, "score": sc}
+        for s, sc in [
+            (100, 99.0),
+            (850, 10.0),
+            (910, 60.0),
+            (920, 90.0),
+            (930, 70.0),
+            (940, 80.0),
+            (950, 85.0),
+            (960, 20.0),
+            (1000, 75.0),
+        ]
+    ]
+    remeasured = {910: 50.0, 920: 40.0, 930: 95.0, 940: 60.0, 950: 61.0, 960: 200.0, 1000: 30.0}
+    calls: list[int] = []
+
+    def data_score(s: dict) -> float:
+        calls.append(s["step"])
+        return remeasured[s["step"]]
+
+    assert pick_expert(snaps, 1000, data_score)["step"] == 930  # 960 (estimate 20) is not re-measured
+    assert sorted(calls) == [920, 930, 940, 950, 1000]
+    snaps[7]["score"] = 86.0  # now among the 5 best estimates, and its re-measurement is the best
+    assert pick_expert(snaps, 1000, data_score)["step"] == 960
+    with pytest.raises(ObdError, match="no snapshot in the last 10%"):
+        pick_expert(snaps[:2], 1000, data_score)
 
 
 @pytest.mark.slow

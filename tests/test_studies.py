@@ -69,10 +69,20 @@ def test_table_runs_every_cell_once_and_rebuilds(tmp_path, capsys):
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert "hopper-random: " in text and f"![results]({out}/table.png)" in text
-    # a changed configuration in the same OUT is refused, not mixed in
-    cfg.write_text(yaml.safe_dump({**TINY, "distill": {**TINY["distill"], "n_synthetic": 4}}))
+    # runs on a dataset that was regenerated since (other content) are refused, not mixed in
+    import h5py
+
+    from obd.data import generated_path, get_task
     from obd.errors import cli
 
+    with h5py.File(generated_path(get_task("hopper-random"), 2000, 0), "r+") as f:
+        f["observations"][0, 0] += 1.0
+    assert cli(main, args) == 2 and "run on other data than hopper-random's dataset now" in capsys.readouterr().err
+    with h5py.File(generated_path(get_task("hopper-random"), 2000, 0), "r+") as f:
+        f["observations"][0, 0] -= 1.0
+    assert main(args) == 0
+    # a changed configuration in the same OUT is refused, not mixed in
+    cfg.write_text(yaml.safe_dump({**TINY, "distill": {**TINY["distill"], "n_synthetic": 4}}))
     assert cli(main, args) == 2 and "another configuration" in capsys.readouterr().err
 
 
