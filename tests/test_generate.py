@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from obd.behavior.export import export_policy, pick_expert
+from obd.behavior.export import export_policy, medium_candidates, pick_expert
 from obd.behavior.generate import collect
 from obd.behavior.sac import SACConfig, train_sac
 from obd.data import DatasetError, generated_path, get_task, load_source
@@ -117,6 +117,16 @@ def test_export_and_collect_each_kind(hopper_policies):
     assert not np.array_equal(
         h5py.File(other)["actions"][()], h5py.File(generated_path(get_task("hopper-random"), 300, 1))["actions"][()]
     )
+
+
+def test_medium_is_early_stopped():
+    """Medium candidates end at the run's first snapshot scoring 1.25x the target: a late snapshot with
+    one bad evaluation never qualifies (D4RL early-stopped its medium policy)."""
+    scores = [10.0, 30.0, 42.0, 47.0, 60.0, 40.0, 90.0, 44.0, 95.0]
+    snaps = [{"step": 100 * (i + 1), "score": sc} for i, sc in enumerate(scores)]
+    assert [s["step"] for s in medium_candidates(snaps, 44.0, n=3)] == [300, 400, 200]  # not 800 (44.0)
+    assert [s["step"] for s in medium_candidates(snaps[:4], 44.0, n=2)] == [300, 400]  # never passed: all
+    assert medium_candidates(snaps, 44.0, n=10)[-1]["step"] == 100 and len(medium_candidates(snaps, 44.0, n=10)) == 5
 
 
 def test_expert_is_the_best_remeasured_late_snapshot():
