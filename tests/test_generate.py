@@ -265,14 +265,18 @@ def test_behavior_export_error_is_one_line(tmp_path):
     assert r.returncode == 2 and "not a behaviour-SAC run" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_shipped_walker2d_policy_makes_expert_data():
-    """Issue 12: a fresh clone generates walker2d-expert from the shipped policy file; its medium is the
-    snapshot the medium datasets were made from (step 360k) and its expert the 1M-step policy."""
+SHIPPED = {"halfcheetah": (120_000, 980_000), "walker2d": (360_000, 1_000_000)}  # env: (medium step, expert step)
+
+
+@pytest.mark.parametrize("env", sorted(SHIPPED))
+def test_shipped_policy_makes_expert_data(env):
+    """Issue 12: a fresh clone generates ENV-expert from the shipped policy file; its medium is the
+    snapshot the medium datasets were made from and its expert the one the README reports."""
     from obd.behavior.generate import policy_file
 
-    pf = torch.load(policy_file("walker2d"), weights_only=True)
-    assert "obd/behavior/policies" in policy_file("walker2d").as_posix()
-    assert pf["medium"]["step"] == 360_000 and pf["expert"]["step"] == 1_000_000
-    path = collect(get_task("walker2d-expert"), 1000, seed=0, show_progress=False)
-    d = load_source("walker2d-expert", size=1000, seed=0)
+    pf = torch.load(policy_file(env), weights_only=True)
+    assert "obd/behavior/policies" in policy_file(env).as_posix()
+    assert (pf["medium"]["step"], pf["expert"]["step"]) == SHIPPED[env]
+    path = collect(get_task(f"{env}-expert"), 1000, seed=0, show_progress=False)
+    d = load_source(f"{env}-expert", size=1000, seed=0)
     assert path.is_file() and len(d.observations) == 1000
