@@ -167,6 +167,15 @@ class TrialPruning:
             raise optuna.TrialPruned(f"pruned at outer step {step} (normalized return {value:.1f})")
 
 
+def check_same_data(path: Path, metrics: dict, data_hash: str, rerun: str) -> None:
+    """A finished run is reused only on the data it ran on: a dataset generated again (e.g. from a
+    re-exported behaviour policy) has another content hash. ``rerun`` says what to do instead."""
+    if metrics.get("data_hash", data_hash) != data_hash:
+        raise ObdError(
+            f"{path}: run on other data (data hash {metrics['data_hash']}, the dataset's now {data_hash}); {rerun}"
+        )
+
+
 def config_difference(a: dict, b: dict, where: str = "") -> str | None:
     """The first dotted key where two nested configs differ, or None."""
     for k in sorted(set(a) | set(b)):
@@ -288,6 +297,7 @@ class Sweep:
         # batched: trials asked batch_trials at a time and each method's finals (all seeds) advance
         # together in the batched engine (obd.batched)
         self.batched, self.batch_trials = batched, max(1, batch_trials)
+        self.data_hash: str | None = None  # set by prepare(): the dataset every trial and final runs on
         # runs in parallel share the cores: one torch thread each when several run at once
         self.threads = max(1, (os.cpu_count() or 1) // self.jobs)
         out.mkdir(parents=True, exist_ok=True)
@@ -341,11 +351,21 @@ class Sweep:
         from obd.targets import prepare_targets
 
         method = next(m for m in ("sdw", "avpbc", "pbc", "dbc") if m in self.spec["methods"])
-        prepare_targets(
+        self.data_hash = prepare_targets(
             run_config(self.spec, self.task, method, {}, seed=0, out=self.out, group=""),
             method,
             show_progress=self.show_progress,
-        )
+        ).data_hash
+        for m in self.spec["methods"]:  # trials on another dataset must not mix with new ones
+            st = self.study(m)
+            have = st.user_attrs.get("data_hash")
+            if have is None:
+                st.set_user_attr("data_hash", self.data_hash)
+            elif have != self.data_hash:
+                raise ObdError(
+                    f"study {self.study_name(m)} in {self.out} ran on other data (data hash {have}, the "
+                    f"dataset's now {self.data_hash}); use another --out, or delete it to start over"
+                )
 
     def optimize(self, method: str, wait_for_stale: bool = True) -> optuna.Study:
         """Run trials until the study holds ``trials`` finished (complete or pruned) ones; with ``jobs`` > 1,
@@ -524,6 +544,8 @@ class Sweep:
                         f"{path} was run with another configuration ({diff}); use another --out, "
                         f"or delete {out.parent} to rerun"
                     )
+                if self.data_hash:
+                    check_same_data(path, m, self.data_hash, f"use another --out, or delete {out.parent} to rerun")
                 results[seed] = m
             else:
                 todo[seed] = to_dict(cfg)

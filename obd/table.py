@@ -70,7 +70,7 @@ def run_all(
     """Every (task, method, seed) run; finished ones are read back, the rest run ``jobs`` at a time."""
 
     from obd.config import build_config, to_dict
-    from obd.sweep import comparable_run, config_difference, run_configs
+    from obd.sweep import check_same_data, comparable_run, config_difference, run_configs
     from obd.targets import prepare_dataset, prepare_targets
 
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
@@ -110,10 +110,9 @@ def run_all(
         _, ds = prepare_dataset(build_config(budget, [*layers, {"data": {"source": task}}]).data)
         now = ds.content_hash()
         for (t, method, seed), m in results.items():
-            if t == task and m.get("data_hash", now) != now:
-                raise ObdError(
-                    f"{out / 'runs' / task / f'{method}-s{seed}'}: run on other data than {task}'s dataset now "
-                    f"(data hash {m['data_hash']}, now {now}); move {out / 'runs' / task} away to rerun {task}"
+            if t == task:
+                check_same_data(
+                    out / "runs" / t / f"{method}-s{seed}", m, now, f"move {out / 'runs' / t} away to rerun it"
                 )
     # the shared stages (dataset, teacher, density) first, one task at a time, with progress bars
     for task in sorted({k[0] for k in todo}):

@@ -130,6 +130,16 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert len(trials_of(out, "sdw")) == 2 and len(trials_of(out, "avpbc")) == 2
     assert (out / "final" / "sdw" / "seed-1" / "metrics.json").stat().st_mtime == mtime
+    # trials and finals on a dataset generated again since (other content) are refused, not mixed in
+    import h5py
+
+    data = tmp_path / "data" / "datasets" / "hopper-random-n2000-s0.hdf5"
+    with h5py.File(data, "r+") as f:
+        f["observations"][0, 0] += 1.0
+    r = subprocess.run(sweep_cmd(study, out), capture_output=True, text=True, env=env(tmp_path), cwd=tmp_path)
+    assert r.returncode == 2 and "ran on other data" in r.stderr and "Traceback" not in r.stderr
+    with h5py.File(data, "r+") as f:
+        f["observations"][0, 0] -= 1.0
     # a changed study in the same OUT is refused with the difference named (it used to reuse old finals)
     changed = write_study(
         tmp_path, fixed={**STUDY["fixed"], "distill": {**STUDY["fixed"]["distill"], "n_synthetic": 4}}
