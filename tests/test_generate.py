@@ -265,7 +265,11 @@ def test_behavior_export_error_is_one_line(tmp_path):
     assert r.returncode == 2 and "not a behaviour-SAC run" in r.stderr and "Traceback" not in r.stderr
 
 
-SHIPPED = {"halfcheetah": (120_000, 980_000), "walker2d": (360_000, 1_000_000)}  # env: (medium step, expert step)
+SHIPPED = {
+    "halfcheetah": (120_000, 980_000),
+    "hopper": (230_000, 1_910_000),
+    "walker2d": (360_000, 1_000_000),
+}  # env: (medium step, expert step)
 
 
 @pytest.mark.parametrize("env", sorted(SHIPPED))
