@@ -146,6 +146,12 @@ def build_table(
         any_run = next((r for (t, _, _), r in results.items() if t == task), None)
         if any_run is None:
             continue
+        hashes = sorted({r["data_hash"] for (t, _, _), r in results.items() if t == task and r.get("data_hash")})
+        if len(hashes) > 1:  # e.g. a rebuild from runs copied in from two generations of the dataset
+            raise ObdError(
+                f"{out / 'runs' / task}: its runs were made on {len(hashes)} different datasets "
+                f"(data hashes {', '.join(hashes)}); one row must come from one dataset"
+            )
         teacher = next((r.get("teacher") for (t, _, _), r in results.items() if t == task and r.get("teacher")), None)
         row: dict = {
             "task": task,

@@ -27,7 +27,9 @@ def hopper_policies(tmp_path):
     workdir = tmp_path / "sac"
     train_sac(get_task("hopper-medium"), SACConfig(total_steps=450, **TINY), workdir, show_progress=False)
     out = tmp_path / "data" / "policies" / "hopper.pt"
-    meta = export_policy(get_task("hopper-medium"), workdir, out, episodes=2)
+    meta = export_policy(
+        get_task("hopper-medium"), workdir, out, episodes=2, command="python -m obd.behavior train hopper"
+    )
     return out, meta
 
 
@@ -79,6 +81,7 @@ def test_export_and_collect_each_kind(hopper_policies):
     out, meta = hopper_policies
     pf = torch.load(out, weights_only=True)
     assert pf["medium"]["step"] == meta["medium_step"] and "expert" in pf  # ran to total_steps
+    assert meta["command"] == "python -m obd.behavior train hopper --steps 450"  # reproduces this run
     assert [r["step"] for r in pf["replay"]][-1] == pf["medium"]["step"]
     assert pf["replay"][0]["actor"]["net.0.weight"].dtype == torch.float16
 

@@ -45,6 +45,7 @@ def table_args(tmp_path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_table_runs_every_cell_once_and_rebuilds(tmp_path, capsys):
+    from obd.errors import cli
     from obd.table import main
 
     args = table_args(tmp_path)
@@ -69,11 +70,15 @@ def test_table_runs_every_cell_once_and_rebuilds(tmp_path, capsys):
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert "hopper-random: " in text and f"![results]({out}/table.png)" in text
+    # a rebuild (metrics files only, no dataset) refuses a row whose runs came from two datasets
+    one = json.loads(metrics[0].read_text())
+    metrics[0].write_text(json.dumps({**one, "data_hash": "0" * 16}))
+    assert cli(main, [*args[:-1], str(out), "--rebuild"]) == 2 and "different datasets" in capsys.readouterr().err
+    metrics[0].write_text(json.dumps(one))
     # runs on a dataset that was regenerated since (other content) are refused, not mixed in
     import h5py
 
     from obd.data import generated_path, get_task
-    from obd.errors import cli
 
     with h5py.File(generated_path(get_task("hopper-random"), 2000, 0), "r+") as f:
         f["observations"][0, 0] += 1.0

@@ -24,7 +24,7 @@ def export_policy(
     out: Path,
     episodes: int = 10,
     seed: int = 0,
-    command: str = "",
+    command: str = "",  # the training command, without --steps (appended from the run's config)
     select_steps: int = 50_000,
     keep_medium: Path | None = None,
 ) -> dict:
@@ -114,7 +114,7 @@ def export_policy(
         "env": task.env,
         "seed": cfg["seed"],
         "trained_steps": snaps[-1]["step"],
-        "command": command,
+        "command": f"{command} --steps {cfg['total_steps']}" if command else "",
         "medium_step": pf["medium"]["step"],
         "medium_score": pf["medium"]["score"],
         "medium_score_std": pf["medium"]["score_std"],
