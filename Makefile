@@ -10,7 +10,7 @@ SIZE ?=
 # PyPI's default (CUDA) build; TORCH=keep: whatever torch the environment already has.
 TORCH ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: venv test test-fast check bench train sweep sweep-worker report dashboard gpu-check data table misalignment clean
+.PHONY: venv test test-fast check bench train sweep sweep-worker report dashboard gpu-check data table curves misalignment clean
 
 venv: $(STAMP)
 
@@ -60,6 +60,11 @@ report: venv
 table: venv
 	$(PY) -m obd.table $(if $(TASKS),--tasks $(TASKS)) $(if $(BUDGET),--budget $(BUDGET)) $(if $(SEEDS),--seeds $(SEEDS)) \
 		$(if $(METHODS),--methods $(METHODS)) $(if $(OUT),--out $(OUT))
+
+# where each dataset's plateau is: results/curves/{curves.csv,plateau.csv,TASK.png}; resumable
+curves: venv
+	$(PY) -m obd.curves $(if $(TASKS),--tasks $(TASKS)) $(if $(METHODS),--methods $(METHODS)) $(if $(SEEDS),--seeds $(SEEDS)) \
+		$(if $(STEPS),--outer-steps $(STEPS)) $(if $(OUT),--out $(OUT))
 
 # does the ranking of datasets flip between high and low behaviour-cloning loss? results/misalignment-ENV/
 misalignment: venv

@@ -216,13 +216,15 @@ def advance_batched(
 
     from tqdm.auto import tqdm
 
-    from obd.config import to_dict
+    from obd.config import BASELINE_START, to_dict
     from obd.datamodule import OBDDataModule
     from obd.devices import resolve_device
-    from obd.distill import init_policy
+    from obd.distill import init_policy, outer_optimizer
     from obd.errors import ConfigError
-    from obd.evaluate import evaluate_synthetic, save_synthetic, summarize_history
+    from obd.evaluate import evaluate_synthetic, summarize_history
     from obd.seeding import derive_seed
+    from obd.starts import initial_set
+    from obd.synthetic_set import save_synthetic
     from obd.targets import prepare_targets
     from obd.tracking import versions, wandb_init
 
@@ -248,14 +250,16 @@ def advance_batched(
         for key in shared:
             if get(c, key) != get(first, key):
                 raise ConfigError(f"batched runs must share '{key}': {get(first, key)!r} vs {get(c, key)!r}")
-    if any(c.distill.method == "random" for c in cfgs):
-        raise ConfigError("the random baseline has nothing to distil; run it with obd.train")
+    if any(c.distill.method in BASELINE_START for c in cfgs):
+        raise ConfigError("a baseline set has nothing to distil; run it with obd.train")
     device = resolve_device(first.device)
     need = (
         "sdw"
         if any(c.distill.method == "sdw" for c in cfgs)
         else next(m for m in ("avpbc", "pbc", "dbc") if any(c.distill.method == m for c in cfgs))
     )
+    if need == "dbc" and any(c.distill.start != "real-pairs" for c in cfgs):
+        need = "pbc"  # a teacher-labelled start reads pi*(s)
     t0 = time.time()
     targets = prepare_targets(first, need, show_progress=show_progress)
     task, mean, std = targets.task, targets.mean.numpy(), targets.std.numpy()
@@ -275,15 +279,11 @@ def advance_batched(
                 device=device,
             )
             self.batches = dm.batches()
-            s, a = dm.random_real_pairs(cfg.distill.n_synthetic, cfg.distill.seed)
+            s, a = initial_set(targets, cfg.distill.start, cfg.distill.n_synthetic, cfg.distill.seed)
             self.S = s.to(device, dtype).requires_grad_(True)
             self.A = a.to(device, dtype).requires_grad_(True)
-            d = cfg.distill
-            self.opt = (
-                torch.optim.SGD([self.S, self.A], lr=d.outer_lr, momentum=d.outer_momentum)
-                if d.outer_optimizer == "sgd"
-                else torch.optim.Adam([self.S, self.A], lr=d.outer_lr)
-            )
+            self.opt, self.schedule = outer_optimizer([self.S, self.A], cfg.distill, cfg.outer_steps)
+            self.evaluation_steps = set(cfg.evaluation_steps())
             self.step, self.history, self.seconds_before = 0, [], 0.0
             self.ckpt = self.out / "checkpoints" / "batched.pt"
             if self.ckpt.is_file():
@@ -292,6 +292,8 @@ def advance_batched(
                     self.S.copy_(st["S"])
                     self.A.copy_(st["A"])
                 self.opt.load_state_dict(st["opt"])
+                if self.schedule is not None:
+                    self.schedule.load_state_dict(st["schedule"])
                 self.step, self.history = int(st["step"]), json.loads(st["history"])
                 self.seconds_before = float(st["seconds"])
             self.listeners: list[Callable[[int, float], None]] = []
@@ -325,6 +327,7 @@ def advance_batched(
                     "S": self.S.detach(),
                     "A": self.A.detach(),
                     "opt": self.opt.state_dict(),
+                    "schedule": self.schedule.state_dict() if self.schedule is not None else {},
                     "step": self.step,
                     "history": json.dumps(self.history),
                     "seconds": self.seconds_before + time.time() - t0,
@@ -406,9 +409,11 @@ def advance_batched(
                 r.S.grad, r.A.grad = gS[k].clone(), gA[k].clone()
                 torch.nn.utils.clip_grad_norm_([r.S, r.A], r.cfg.distill.grad_clip)
                 r.opt.step()
+                if r.schedule is not None:
+                    r.schedule.step()
                 r.step += 1
                 last = r.step == r.cfg.outer_steps
-                if (r.cfg.eval_every and r.step % r.cfg.eval_every == 0) or last:
+                if r.step in r.evaluation_steps or last:
                     r.evaluate()
                 if r.step % r.cfg.checkpoint_every == 0 or last or r.stopped:
                     r.save()
@@ -440,7 +445,7 @@ def advance_batched(
             "seed": c.distill.seed,
             "budget": c.budget,
             "outer_steps": c.outer_steps,
-            **summarize_history(r.history, k),
+            **summarize_history(r.history, k, c.scored_from()),
             "protocol": {
                 "policies": c.eval.policies,
                 "episodes": c.eval.episodes,

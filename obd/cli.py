@@ -4,6 +4,10 @@ obd train ...      one distillation run            (obd.train)
 obd sweep ...      Optuna studies, finals, report  (obd.sweep)
 obd evaluate ...   re-evaluate a synthetic set     (obd.evaluate)
 obd report ...     rewrite a sweep's report        (obd.report)
+obd table ...      many datasets x methods x seeds (obd.table)
+obd curves ...     where each dataset's plateau is (obd.curves)
+obd export ...     a distilled set as hdf5/Minari  (obd.export)
+obd misalignment   BC loss vs return per dataset   (obd.misalignment)
 obd data ...       generate / summarise datasets   (obd.data)
 obd targets ...    teacher, Q and SDW weights      (obd.targets)
 obd behavior ...   behaviour SAC: train / export   (obd.behavior)
@@ -24,6 +28,7 @@ COMMANDS = {
     "export": "obd.export",
     "report": "obd.report",
     "table": "obd.table",
+    "curves": "obd.curves",
     "targets": "obd.targets",
     "misalignment": "obd.misalignment",
     "data": "obd.data.__main__",

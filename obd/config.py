@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.resources
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,9 +25,19 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from obd.errors import ConfigError
 
-Method = Literal["dbc", "pbc", "avpbc", "sdw", "random"]
+Method = Literal["dbc", "pbc", "avpbc", "sdw", "random", "random-teacher", "kmeans-teacher"]
 DISTILL_METHODS: tuple[str, ...] = ("dbc", "pbc", "avpbc", "sdw")
 METHODS: tuple[str, ...] = get_args(Method)
+# Sets that need no outer loop (baselines): a start of obd.starts, evaluated as it is.
+BASELINE_START: dict[str, str] = {
+    "random": "real-pairs",
+    "random-teacher": "teacher-labelled",
+    "kmeans-teacher": "kmeans",
+}
+# real-pairs: random real states with their dataset actions (published); teacher-labelled: the same
+# states with pi*(s); kmeans: the real state nearest each faiss k-means centroid, with pi*(s).
+SyntheticStart = Literal["real-pairs", "teacher-labelled", "kmeans"]
+OuterLrSchedule = Literal["constant", "cosine"]  # cosine: lr decays to 0 at the last outer step
 InnerPrecision = Literal["float32", "bfloat16"]
 OuterOptimizer = Literal["sgd", "adam"]
 InnerOptimizer = Literal["sgd", "adam"]
@@ -56,9 +67,9 @@ class DataConfig:
 class TD3BCConfig:
     """TD3+BC (Fujimoto & Gu, 2021) at CORL's defaults."""
 
-    steps: int = field(default=1_000_000, metadata=_rng(1))
+    steps: int = field(default=1_000_000, metadata=_rng(1))  # gradient steps
     batch_size: int = field(default=256, metadata=_rng(1))
-    hidden: tuple[int, ...] = (256, 256)
+    hidden: tuple[int, ...] = (256, 256)  # actor and critic hidden widths
     actor_lr: float = field(default=3e-4, metadata=_rng(gt=0))
     critic_lr: float = field(default=3e-4, metadata=_rng(gt=0))
     gamma: float = field(default=0.99, metadata=_rng(0, 1))
@@ -106,18 +117,20 @@ class DensityConfig:
 class DistillConfig:
     """Stage 3, distillation. Published OBD defaults (Lei et al., 2024)."""
 
-    method: Method = "avpbc"
-    n_synthetic: int = field(default=256, metadata=_rng(1))
-    inner_steps: int = field(default=100, metadata=_rng(1))  # T
-    inner_lr: float = field(default=0.1, metadata=_rng(gt=0))
-    hidden: tuple[int, ...] = (256, 256, 256)
-    init: PolicyInit = "official"
+    method: Method = "avpbc"  # the outer objective, or a baseline set that skips distillation
+    n_synthetic: int = field(default=256, metadata=_rng(1))  # synthetic (state, action) pairs
+    inner_steps: int = field(default=100, metadata=_rng(1))  # T, full-batch SGD steps of the inner loop
+    inner_lr: float = field(default=0.1, metadata=_rng(gt=0))  # the inner loop's SGD learning rate
+    hidden: tuple[int, ...] = (256, 256, 256)  # the policy's hidden widths
+    init: PolicyInit = "official"  # the policy's init: official (gain sqrt(2) everywhere) | corl (1e-2 head)
     outer_optimizer: OuterOptimizer = "sgd"  # sgd (published) | adam (the short budgets)
     outer_lr: float = field(default=0.1, metadata=_rng(gt=0))  # on the synthetic states and actions
+    outer_lr_schedule: OuterLrSchedule = "constant"  # constant | cosine (to 0 at the last outer step)
+    start: SyntheticStart = "real-pairs"  # the synthetic set's initialization (obd.starts)
     outer_momentum: float = field(default=0.9, metadata=_rng(0, 1))  # sgd only
-    grad_clip: float = field(default=2.0, metadata=_rng(gt=0))
+    grad_clip: float = field(default=2.0, metadata=_rng(gt=0))  # max norm of the outer gradient
     test_batches: int = field(default=10, metadata=_rng(1))  # outer loss over test_batches x batch_size states
-    batch_size: int = field(default=256, metadata=_rng(1))
+    batch_size: int = field(default=256, metadata=_rng(1))  # real states per outer batch
     beta: float = field(default=0.02, metadata=_rng(gt=0))  # Av-PBC weight = beta * Q(s, pi*(s))
     truncate: int | None = field(default=None, metadata=_rng(1))  # truncated BPTT: the last K inner steps only
     cuda_graph: bool = True  # on CUDA: the outer iteration captured once and replayed (obd.cuda_graphs)
@@ -132,11 +145,11 @@ class EvalConfig:
     policies: int = field(default=10, metadata=_rng(1))  # fresh policies trained per evaluation
     episodes: int = field(default=10, metadata=_rng(1))  # rollouts per policy
     last_k: int | None = field(default=None, metadata=_rng(1))  # score = mean of the last K; None: 5 (avpbc, sdw) / 10
-    inner_steps: int = field(default=100, metadata=_rng(1))
-    inner_lr: float = field(default=0.1, metadata=_rng(gt=0))
-    hidden: tuple[int, ...] = (256, 256, 256)
-    init: PolicyInit = "official"
-    optimizer: InnerOptimizer = "sgd"
+    inner_steps: int = field(default=100, metadata=_rng(1))  # the learner's full-batch steps
+    inner_lr: float = field(default=0.1, metadata=_rng(gt=0))  # the learner's learning rate
+    hidden: tuple[int, ...] = (256, 256, 256)  # the learner's hidden widths
+    init: PolicyInit = "official"  # the learner's init
+    optimizer: InnerOptimizer = "sgd"  # the learner's optimizer
     ensemble: bool = False  # the paper's Table 3: one agent acting with the policies' mean action
 
     def k_for(self, method: str) -> int:
@@ -150,30 +163,50 @@ class RunConfig:
     density: DensityConfig = field(default_factory=DensityConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    outer_steps: int = field(default=50_000, metadata=_rng(0))
-    eval_every: int = field(default=1_000, metadata=_rng(0))  # 0: only at the end
-    checkpoint_every: int = field(default=200, metadata=_rng(1))
+    outer_steps: int = field(default=50_000, metadata=_rng(0))  # outer iterations of the run
+    eval_every: int = field(default=1_000, metadata=_rng(0))  # coarse evaluations; 0: none before the scored ones
+    # The scored evaluations (the last K, see EvalConfig.k_for) lie in this final fraction of the run,
+    # spaced min(eval_every, eval_window * outer_steps / (K - 1)) apart and ending at the last step.
+    eval_window: float = field(default=0.2, metadata=_rng(gt=0, hi=1))
+    checkpoint_every: int = field(default=200, metadata=_rng(1))  # outer steps between checkpoints
     grad_fn: GradFn = "fast"  # fast (hand-derived BPTT) | unrolled (plain autograd, the oracle)
-    device: Device = "auto"
-    threads: int = field(default=2, metadata=_rng(1))
+    device: Device = "auto"  # auto (cuda when available) | cpu | cuda
+    threads: int = field(default=2, metadata=_rng(1))  # torch threads
     out: str | None = None  # default runs/{task}-{method}-s{seed}
-    wandb: bool = True
+    wandb: bool = True  # a W&B run (offline unless logged in)
     wandb_project: str = "obd"
     wandb_group: str | None = None
     budget: str | None = None  # set by build_config to the budget it applied
+
+    def scored_from(self) -> int:
+        """The first outer step whose evaluation may enter the run's score."""
+        if self.distill.method in BASELINE_START:
+            return 0  # nothing is distilled: every evaluation sees the same set
+        return math.ceil((1 - self.eval_window) * self.outer_steps)
+
+    def evaluation_steps(self) -> list[int]:
+        """Outer steps evaluated: every ``eval_every`` (coarse), and the K scored ones at the end."""
+        T = self.outer_steps
+        if self.distill.method in BASELINE_START or T == 0:
+            return [0]
+        k = self.eval.k_for(self.distill.method)
+        every = self.eval_every or T
+        spacing = max(1, min(every, int(self.eval_window * T / (k - 1)))) if k > 1 else every
+        scored = [T - j * spacing for j in range(k) if T - j * spacing >= max(1, self.scored_from())]
+        return sorted(set(range(every, T + 1, every)) | set(scored))
 
 
 # ------------------------------------------------------------------ checked merging
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(map(repr, get_args(tp)))
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
+        return " or ".join(type_name(a) for a in get_args(tp))
     if origin is tuple:
-        return f"a list of {_type_name(get_args(tp)[0])}"
+        return f"a list of {type_name(get_args(tp)[0])}"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -250,7 +283,7 @@ def merge(cfg: Any, updates: typing.Mapping, where: str = "") -> Any:
         try:
             value = _coerce(v, hints[k])
         except TypeError:
-            raise ConfigError(f"config key '{key}': expected {_type_name(hints[k])}, got {v!r}") from None
+            raise ConfigError(f"config key '{key}': expected {type_name(hints[k])}, got {v!r}") from None
         _check_range(key, value, fields[k].metadata)
         if isinstance(value, tuple):
             for x in value:

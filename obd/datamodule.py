@@ -73,15 +73,3 @@ class OBDDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.batches(), batch_size=None, num_workers=0)
-
-    def random_real_pairs(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """n distinct real (normalized state, dataset action) pairs: the published init, and the baseline."""
-        if n > len(self.targets.obs):
-            from obd.errors import ConfigError
-
-            raise ConfigError(
-                f"config key 'distill.n_synthetic': {n} exceeds the dataset's {len(self.targets.obs)} states"
-            )
-        gen = torch.Generator().manual_seed(derive_seed(seed, "synthetic-init"))
-        idx = torch.randperm(len(self.targets.obs), generator=gen)[:n]
-        return self.targets.obs[idx].clone(), self.targets.actions[idx].clone()

@@ -301,6 +301,20 @@ def _hvp(
     return hv, prev, -c * r_yT
 
 
+# ------------------------------------------------------------------ the outer optimizer
+
+
+def outer_optimizer(params: list[Tensor], cfg: DistillConfig, outer_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimizer of the synthetic set and its learning-rate schedule (None when constant)."""
+    if cfg.outer_optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.outer_lr, momentum=cfg.outer_momentum)
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.outer_lr)
+    if cfg.outer_lr_schedule == "cosine":
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, outer_steps))
+    return opt, None
+
+
 # ------------------------------------------------------------------ Lightning module
 
 
@@ -309,22 +323,29 @@ class BehaviorDistillation(pl.LightningModule):
     optimizes it by the outer gradient. Batches are ``(obs, target, weight)`` from
     :class:`obd.datamodule.OBDDataModule`."""
 
-    def __init__(self, cfg: DistillConfig, init_states: Tensor, init_actions: Tensor, grad_fn: str = "fast"):
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        init_states: Tensor,
+        init_actions: Tensor,
+        grad_fn: str = "fast",
+        outer_steps: int = 50_000,
+    ):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.outer_steps = cfg, outer_steps
         self.automatic_optimization = False
         self.syn_states = nn.Parameter(init_states.clone().float())
         self.syn_actions = nn.Parameter(init_actions.clone().float())
         self.obs_dim, self.act_dim = init_states.shape[1], init_actions.shape[1]
         self.grad_fn = grad_fn
         self._graphed: Any = None  # obd.cuda_graphs.Graphed, made on the first CUDA outer step
-        self.save_hyperparameters({"distill": dataclasses.asdict(cfg), "grad_fn": grad_fn})
+        self.save_hyperparameters({"distill": dataclasses.asdict(cfg), "grad_fn": grad_fn, "outer_steps": outer_steps})
 
     def configure_optimizers(self):
-        params = [self.syn_states, self.syn_actions]
-        if self.cfg.outer_optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.cfg.outer_lr, momentum=self.cfg.outer_momentum)
-        return torch.optim.Adam(params, lr=self.cfg.outer_lr)
+        opt, schedule = outer_optimizer([self.syn_states, self.syn_actions], self.cfg, self.outer_steps)
+        if schedule is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def fresh_policy(self, step: int) -> Params:
         """The inner loop's initialization at outer step ``step``: seeded, so a resumed run repeats it."""
@@ -372,6 +393,9 @@ class BehaviorDistillation(pl.LightningModule):
         self.syn_states.grad, self.syn_actions.grad = gS, gA
         grad_norm = torch.nn.utils.clip_grad_norm_([self.syn_states, self.syn_actions], self.cfg.grad_clip)
         opt.step()
+        schedule = self.lr_schedulers()
+        if schedule is not None:
+            schedule.step()  # type: ignore[union-attr]
         self.log_dict({"outer_loss": loss, "grad_norm": grad_norm}, prog_bar=True, on_step=True)
         return loss
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -116,44 +117,34 @@ def evaluate_synthetic(
     }
 
 
-def summarize_history(history: list[dict], k: int) -> dict:
-    """The run's score: the mean of the last ``k`` evaluations (fewer when fewer exist), and the final one."""
+def summarize_history(history: list[dict], k: int, scored_from: int = 0) -> dict:
+    """The run's score: the mean of its last ``k`` evaluations at outer steps >= ``scored_from`` (fewer
+    when fewer lie there, never an earlier one), and the final evaluation's score."""
     if not history:
-        return {"score": None, "final_score": None, "last_k": k, "last_k_used": 0}
-    tail = [h["score"] for h in history[-k:]]
-    return {"score": float(np.mean(tail)), "final_score": history[-1]["score"], "last_k": k, "last_k_used": len(tail)}
+        return {"score": None, "final_score": None, "last_k": k, "last_k_used": 0, "scored_steps": []}
+    tail = [h for h in history if h["step"] >= scored_from][-k:]
+    return {
+        "score": float(np.mean([h["score"] for h in tail])) if tail else None,
+        "final_score": history[-1]["score"],
+        "last_k": k,
+        "last_k_used": len(tail),
+        "scored_steps": [h["step"] for h in tail],
+    }
 
 
-def save_synthetic(path: Path, states, actions, mean, std, task_name: str, config: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(
-        tmp,
-        states=states.numpy(),
-        actions=actions.numpy(),
-        mean=np.asarray(mean),
-        std=np.asarray(std),
-        task=task_name,
-        config=json.dumps(config, default=str),
-    )
-    tmp.replace(path)
+def rescore(metrics: dict) -> dict:
+    """A stored run's metrics with its score recomputed by :func:`summarize_history` from its history
+    (runs written before the scored window existed averaged their last K evaluations, wherever they lay)."""
+    from obd.config import BASELINE_START
 
-
-def load_synthetic(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ObdError(f"{path}: no such synthetic set")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            d = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
-        if "allow_pickle" in str(e):
-            e = ValueError("it holds pickled objects, which obd never writes")
-        raise ObdError(f"{path}: not a synthetic set saved by obd ({str(e).splitlines()[0]})") from None
-    missing = {"states", "actions", "mean", "std"} - set(d)
-    if missing:
-        raise ObdError(f"{path}: missing {sorted(missing)}; not a synthetic set saved by obd")
-    return d
+    if not metrics.get("history"):
+        return metrics  # nothing to recompute from
+    cfg = metrics.get("config") or {}
+    window = float(cfg.get("eval_window", 0.2))
+    steps = int(metrics.get("outer_steps") or cfg.get("outer_steps") or 0)
+    start = 0 if metrics.get("method") in BASELINE_START else math.ceil((1 - window) * steps)
+    k = int(metrics.get("last_k") or (metrics.get("protocol") or {}).get("last_k") or 5)
+    return {**metrics, **summarize_history(metrics.get("history") or [], k, start)}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -191,6 +182,8 @@ def _load_any(path: str) -> tuple:
     import torch
 
     if path.endswith(".npz"):
+        from obd.synthetic_set import load_synthetic
+
         d = load_synthetic(path)
         run_cfg = json.loads(str(d["config"])) if "config" in d else {}
         metrics_path = Path(path).parent / "metrics.json"
@@ -206,7 +199,7 @@ def _load_any(path: str) -> tuple:
             run_cfg.get("distill", {}).get("seed", 0),
             step,
         )
-    from obd.export import read_export
+    from obd.synthetic_set import read_export
 
     raw, actions, meta = read_export(path)
     mean, std = np.asarray(meta["mean"]), np.asarray(meta["std"])

@@ -13,132 +13,10 @@ re-evaluates with that recipe and seed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from obd.errors import ObdError, cli
-
-PROVENANCE_KEYS = ("task", "method", "seed", "budget", "outer_steps", "score", "final_score", "data_hash", "versions")
-
-
-def load_run(run: Path) -> tuple[dict, dict]:
-    """(synthetic set, metrics) of a run directory (or of its synthetic.npz)."""
-    from obd.evaluate import load_synthetic
-
-    run_dir = run.parent if run.suffix == ".npz" else run
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.is_file():
-        raise ObdError(f"{run_dir}: no metrics.json; pass a finished run directory of python -m obd.train")
-    return load_synthetic(run_dir / "synthetic.npz"), json.loads(metrics_path.read_text())
-
-
-def export_metadata(syn: dict, metrics: dict) -> dict:
-    final_step = metrics["history"][-1]["step"] if metrics.get("history") else 0
-    return {
-        "format": "obd-synthetic-set-1",
-        "mean": np.asarray(syn["mean"], float).tolist(),
-        "std": np.asarray(syn["std"], float).tolist(),
-        "eval": metrics["config"]["eval"],
-        "eval_seed_root": metrics["seed"],
-        "eval_step": final_step,
-        "provenance": {k: metrics.get(k) for k in PROVENANCE_KEYS},
-    }
-
-
-def raw_states(syn: dict) -> np.ndarray:
-    return syn["states"].astype(np.float64) * syn["std"].astype(np.float64) + syn["mean"].astype(np.float64)
-
-
-def export_d4rl(syn: dict, metrics: dict, out: Path) -> Path:
-    from obd.data.d4rl import write_d4rl_hdf5
-    from obd.data.tasks import get_task
-
-    task = get_task(metrics["task"])
-    s, a = raw_states(syn), syn["actions"].astype(np.float32)
-    n = len(s)
-    arrays = {
-        "observations": s,
-        "actions": a,
-        "rewards": np.zeros(n, np.float32),
-        "next_observations": s,
-        "terminals": np.zeros(n, bool),
-        "timeouts": np.ones(n, bool),
-    }
-    meta = {
-        "task": task.name,
-        "env_id": task.env_id,
-        "algorithm": f"obd-{metrics['method']}",
-        "obd": json.dumps(export_metadata(syn, metrics)),
-    }
-    return write_d4rl_hdf5(out, arrays, metadata=meta)
-
-
-def export_minari(syn: dict, metrics: dict, dataset_id: str) -> str:
-    import minari
-    from minari.data_collector import EpisodeBuffer
-
-    from obd.data.tasks import get_task
-
-    task = get_task(metrics["task"])
-    if dataset_id in minari.list_local_datasets():
-        raise ObdError(f"minari:{dataset_id} exists in the local Minari store; choose another id or delete it")
-    s, a = raw_states(syn), syn["actions"].astype(np.float32)
-    buffers = [
-        EpisodeBuffer(
-            id=i, observations=[s[i], s[i]], actions=[a[i]], rewards=[0.0], terminations=[False], truncations=[True]
-        )
-        for i in range(len(s))
-    ]
-    try:
-        minari.create_dataset_from_buffers(
-            dataset_id,
-            buffers,
-            env=task.env_id,
-            algorithm_name=f"obd-{metrics['method']}",
-            author="obd",
-            description=json.dumps(export_metadata(syn, metrics)),
-        )
-    except ValueError as e:
-        raise ObdError(f"minari:{dataset_id}: {str(e).splitlines()[0]}") from None
-    return dataset_id
-
-
-def read_export(source: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(raw states float64, actions, metadata) of an exported set: a D4RL hdf5 path or ``minari:ID``."""
-    if source.startswith("minari:"):
-        import minari
-
-        try:
-            ds = minari.load_dataset(source[len("minari:") :])
-        except Exception as e:  # Minari raises several types for missing or broken datasets
-            raise ObdError(f"{source}: cannot be read by Minari ({str(e).splitlines()[0]})") from None
-        try:
-            meta = json.loads(ds.storage.metadata.get("description") or "")
-        except (json.JSONDecodeError, TypeError):
-            raise ObdError(f"{source}: not a synthetic set exported by obd (no obd metadata)") from None
-        eps = list(ds.iterate_episodes())
-        return (
-            np.stack([e.observations[0] for e in eps]).astype(np.float64),
-            np.stack([e.actions[0] for e in eps]).astype(np.float32),
-            meta,
-        )
-    import h5py
-
-    path = Path(source)
-    if not path.is_file():
-        raise ObdError(f"{path}: no such file")
-    try:
-        with h5py.File(path, "r") as f:
-            if "metadata/obd" not in f:
-                raise ObdError(f"{path}: not a synthetic set exported by obd (no metadata/obd)")
-            raw = f["metadata/obd"][()]
-            meta = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-            return f["observations"][()].astype(np.float64), f["actions"][()].astype(np.float32), meta
-    except OSError as e:
-        raise ObdError(f"{path}: cannot read as hdf5 ({e})") from None
+from obd.errors import cli
 
 
 def parser() -> argparse.ArgumentParser:
@@ -157,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from obd.synthetic_set import export_d4rl, export_minari, load_run
+
     a = parser().parse_args(argv)
     syn, metrics = load_run(Path(a.run))
     if a.format == "d4rl":

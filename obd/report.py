@@ -16,7 +16,15 @@ from pathlib import Path
 
 from obd.errors import ObdError, cli
 
-COLORS = {"sdw": "tab:red", "avpbc": "tab:blue", "pbc": "tab:green", "dbc": "tab:purple", "random": "tab:gray"}
+COLORS = {
+    "sdw": "tab:red",
+    "avpbc": "tab:blue",
+    "pbc": "tab:green",
+    "dbc": "tab:purple",
+    "random": "tab:gray",
+    "random-teacher": "tab:olive",
+    "kmeans-teacher": "tab:brown",
+}
 
 
 def _finals(out: Path, method: str) -> list[dict]:
@@ -159,7 +167,8 @@ def write_report(out: str | Path) -> Path:
         else f"Dataset: {s['transitions']:,} transitions, behaviour score {s['behaviour_score']:.1f}.",
         "",
         f"Protocol: each evaluation trains {pr['policies']} fresh policies x {pr['episodes']} episodes; "
-        f"a run's score is the mean of its last {pr['last_k']} evaluations (Av-PBC/SDW default).",
+        f"a run's score is the mean of its last {pr['last_k']} evaluations (Av-PBC/SDW default), all of them in "
+        "the final 20% of its outer steps (fewer when fewer lie there; never an earlier one).",
         "",
         "| method | normalized return (mean +/- std over seeds) | seeds | per seed | best trial | "
         "trials (complete / pruned / failed) |",
@@ -176,10 +185,7 @@ def write_report(out: str | Path) -> Path:
         "| comparison | mean paired difference | 95% paired t CI | Wilcoxon p | 95% Welch CI | verdict |",
         "|---|---|---|---|---|---|",
     ]
-    evals = max((len(r["history"]) for m in methods for r in _finals(out, m)), default=0)
-    final = s.get("comparisons_final_evaluation", {})
     rows = [(name, c) for name, c in s["comparisons"].items()]
-    rows += [(f"{name}, final evaluation only", c) for name, c in final.items()]
     for name, c in rows:
         ci, wci = c.get("paired_t_ci"), c.get("welch_ci")
         fmt = lambda v: f"[{v[0]:+.1f}, {v[1]:+.1f}]" if v else "-"  # noqa: E731
@@ -188,12 +194,6 @@ def write_report(out: str | Path) -> Path:
             f"| {name} | {c['mean_difference']:+.1f} ({c['n_pairs']} seeds) | {fmt(ci)} | {wp} | "
             f"{fmt(wci)} | {c['verdict']} |"
         )
-    if evals and evals <= pr["last_k"]:
-        lines += [
-            "",
-            f"At this budget a run has {evals} evaluations, so its last-{pr['last_k']} score averages the "
-            "whole run, early evaluations included; the final-evaluation rows compare the sets at the end.",
-        ]
     lines += ["", "Best configurations:", ""]
     lines += [f"- {m}: `{json.dumps(r['best_params'])}`" for m, r in s["methods"].items() if "best_params" in r]
     lines += ["", "![normalized return per method](returns.png)", "", "![learning curves](curves.png)"]

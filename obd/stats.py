@@ -67,6 +67,8 @@ def compare_results(a_dir: str, b_dir: str) -> list[dict]:
     import json
     from pathlib import Path
 
+    from obd.evaluate import rescore
+
     def split(spec: str) -> tuple[str, str | None]:
         folder, _, method = spec.rpartition(":")
         return (folder, method) if folder and method and not Path(spec).exists() else (spec, None)
@@ -74,7 +76,7 @@ def compare_results(a_dir: str, b_dir: str) -> list[dict]:
     def load(d: str, only: str | None) -> dict[tuple[str, str], dict[int, dict]]:
         runs: dict[tuple[str, str], dict[int, dict]] = {}
         for p in sorted(Path(d).glob("runs/*/*/metrics.json")):
-            m = json.loads(p.read_text())
+            m = rescore(json.loads(p.read_text()))
             if only is None or m["method"] == only:
                 runs.setdefault((m["task"], "" if only else m["method"]), {})[int(m["seed"])] = m
         return runs

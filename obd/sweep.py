@@ -36,6 +36,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from obd.config import (
+    BASELINE_START,
     DISTILL_METHODS,
     RunConfig,
     budget_names,
@@ -49,6 +50,7 @@ from obd.config import (
     to_dict,
 )
 from obd.errors import ConfigError, ObdError, cli
+from obd.runs import check_same_data, comparable, comparable_run, config_difference
 from obd.seeding import derive_seed
 
 log = logging.getLogger("obd.sweep")
@@ -56,7 +58,21 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 # ask-and-tell (the batched search) on the heartbeat storage: its trials are tracked without heartbeats
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 HEARTBEAT_S, GRACE_S = 5, 20
-BASELINES = ("random",)
+BASELINES = tuple(BASELINE_START)  # the sets that need no outer loop, run beside every study's finals
+STUDY_KEYS = (
+    "methods",
+    "baselines",
+    "trials",
+    "seeds",
+    "budget",
+    "sampler_seed",
+    "vary_data_per_seed",
+    "fixed",
+    "search",
+    "method_search",
+    "pruner",
+    "tasks",
+)
 
 
 def default_study() -> Path:
@@ -72,6 +88,9 @@ def load_study(path: Path, task: str, **overrides: Any) -> dict:
     spec = read_yaml(path) or {}
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: a study is a mapping (methods, trials, seeds, budget, search, ...)")
+    unknown_keys = sorted(set(spec) - set(STUDY_KEYS))
+    if unknown_keys:
+        raise ConfigError(f"{path}: unknown study key(s) {', '.join(unknown_keys)}; known: {', '.join(STUDY_KEYS)}")
     per_task = (spec.pop("tasks", None) or {}).get(task, {})
     spec = deep_update(spec, per_task)
     spec.update({k: v for k, v in overrides.items() if v is not None})
@@ -81,6 +100,9 @@ def load_study(path: Path, task: str, **overrides: Any) -> dict:
     unknown = [m for m in spec["methods"] if m not in DISTILL_METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(DISTILL_METHODS)}")
+    bad = [m for m in spec.get("baselines", BASELINES) if m not in BASELINE_START]
+    if bad:
+        raise ConfigError(f"{path}: unknown baseline(s) {', '.join(bad)}; choose from {', '.join(BASELINE_START)}")
     if spec["budget"] not in budget_names():
         raise ConfigError(f"unknown budget {spec['budget']!r}; choose one of {', '.join(budget_names())}")
     merge(RunConfig(), spec.get("fixed") or {})
@@ -165,43 +187,6 @@ class TrialPruning:
         self.trial.report(value, step=step)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at outer step {step} (normalized return {value:.1f})")
-
-
-def check_same_data(path: Path, metrics: dict, data_hash: str, rerun: str) -> None:
-    """A finished run is reused only on the data it ran on: a dataset generated again (e.g. from a
-    re-exported behaviour policy) has another content hash. ``rerun`` says what to do instead."""
-    if metrics.get("data_hash", data_hash) != data_hash:
-        raise ObdError(
-            f"{path}: run on other data (data hash {metrics['data_hash']}, the dataset's now {data_hash}); {rerun}"
-        )
-
-
-def config_difference(a: dict, b: dict, where: str = "") -> str | None:
-    """The first dotted key where two nested configs differ, or None."""
-    for k in sorted(set(a) | set(b)):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            d = config_difference(x, y, f"{where}{k}.")
-            if d:
-                return d
-        elif x != y:
-            return f"{where}{k}: {x!r} then, {y!r} now"
-    return None
-
-
-IGNORED_IN_COMPARISON = ("out", "wandb", "wandb_group", "wandb_project", "threads", "device")
-
-
-def comparable(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in IGNORED_IN_COMPARISON}
-
-
-def comparable_run(cfg: dict) -> dict:
-    """What a run's result depends on: its full config, a stored one completed with today's defaults
-    for fields added since (it ran with their default), without execution details."""
-    full = to_dict(merge(RunConfig(), cfg))
-    full["distill"].pop("cuda_graph", None)  # graph replay computes what eager execution does
-    return comparable(full)
 
 
 # ------------------------------------------------------------------ the sweep
@@ -592,15 +577,9 @@ class Sweep:
             "comparisons": {},
         }
         main_m = self.spec["methods"][0]
-        final = {m: {int(sd): r["final_score"] for sd, r in runs.items()} for m, runs in finals.items()}
-        summary["comparisons_final_evaluation"] = {}
         for other in [m for m in finals if m != main_m]:
             summary["comparisons"][f"{main_m} - {other}"] = paired_comparison(
                 rows[main_m]["per_seed"], rows[other]["per_seed"]
-            )
-            # the final evaluation alone: at short budgets the last-K window spans the whole run
-            summary["comparisons_final_evaluation"][f"{main_m} - {other}"] = paired_comparison(
-                final[main_m], final[other]
             )
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         return summary

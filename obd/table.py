@@ -43,6 +43,8 @@ PUBLISHED_AVPBC = {
 }
 PUBLISHED_SDW = {"halfcheetah-medium": 39.5, "hopper-medium": 38.4, "hopper-medium-expert": 42.6}
 NINE = tuple(PUBLISHED_AVPBC)
+# the three sets that need no outer loop, then the two distillation methods compared
+DEFAULT_METHODS = ("random", "random-teacher", "kmeans-teacher", "avpbc", "sdw")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -70,7 +72,9 @@ def run_all(
     """Every (task, method, seed) run; finished ones are read back, the rest run ``jobs`` at a time."""
 
     from obd.config import build_config, to_dict
-    from obd.sweep import check_same_data, comparable_run, config_difference, run_configs
+    from obd.evaluate import rescore
+    from obd.runs import check_same_data, comparable_run, config_difference
+    from obd.sweep import run_configs
     from obd.targets import prepare_dataset, prepare_targets
 
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
@@ -98,7 +102,7 @@ def run_all(
                 )
                 path = run_dir / "metrics.json"
                 if path.is_file():
-                    m = json.loads(path.read_text())
+                    m = rescore(json.loads(path.read_text()))
                     diff = config_difference(comparable_run(m["config"]), comparable_run(to_dict(cfg)))
                     if diff:
                         raise ObdError(f"{path} was run with another configuration ({diff}); use another --out")
@@ -121,10 +125,10 @@ def run_all(
         prepare_targets(build_config(budget, [*layers, {"data": {"source": task}}]), method)
     if batched:  # every distillation run of a task in one batched computation (obd.batched)
         from obd.batched import run_batched
-        from obd.config import RunConfig, merge
+        from obd.config import BASELINE_START, RunConfig, merge
 
         for task in sorted({k[0] for k in todo}):
-            keys = [k for k in todo if k[0] == task and k[1] != "random"]
+            keys = [k for k in todo if k[0] == task and k[1] not in BASELINE_START]
             if keys:
                 done = run_batched([merge(RunConfig(), todo.pop(k)) for k in keys])
                 results.update(zip(keys, done))
@@ -138,6 +142,7 @@ def build_table(
     """Write table.csv, table.md and table.png from the runs' metrics; returns the rows."""
     import numpy as np
 
+    from obd.config import BASELINE_START, DISTILL_METHODS
     from obd.stats import paired_comparison
 
     rows = []
@@ -174,6 +179,17 @@ def build_table(
                 if len(v)
                 else None
             )
+        baselines = [m for m in methods if m in BASELINE_START and per[m]]
+        if baselines:  # what distillation adds over the best set that needs no outer loop
+            best = max(baselines, key=lambda m: float(np.mean(list(per[m].values()))))
+            row["best_baseline"] = best
+            for m in ("avpbc", "sdw"):
+                if m in methods and per[m]:
+                    c = paired_comparison(per[m], per[best])
+                    row[f"{m}_minus_best_baseline"] = round(c["mean_difference"], 2) if c["n_pairs"] else None
+                    lo, hi = c.get("paired_t_ci", (None, None))
+                    row[f"{m}_minus_best_baseline_ci_low"] = round(lo, 2) if lo is not None else None
+                    row[f"{m}_minus_best_baseline_ci_high"] = round(hi, 2) if hi is not None else None
         if "sdw" in methods and "avpbc" in methods:
             c = paired_comparison(per["sdw"], per["avpbc"])
             row.update(
@@ -184,19 +200,14 @@ def build_table(
                 n_pairs=c["n_pairs"],
                 verdict=c["verdict"],
             )
-            # the final evaluation alone: at short budgets the last-K window spans the whole run
-            fin = {
-                m: {s: r["final_score"] for (t, mm, s), r in results.items() if t == task and mm == m}
-                for m in ("sdw", "avpbc")
-            }
-            cf = paired_comparison(fin["sdw"], fin["avpbc"])
-            row.update(
-                final_sdw_minus_avpbc=round(cf["mean_difference"], 2) if cf["n_pairs"] else None,
-                final_ci_low=round(cf["paired_t_ci"][0], 2) if "paired_t_ci" in cf else None,
-                final_ci_high=round(cf["paired_t_ci"][1], 2) if "paired_t_ci" in cf else None,
-                final_verdict=cf["verdict"],
-                evaluations_per_run=len(any_run["history"]),
+        row["scored_evaluations_per_run"] = round(
+            float(
+                np.mean([r["last_k_used"] for (t, mm, _), r in results.items() if t == task and mm in DISTILL_METHODS])
             )
+            if any(t == task and mm in DISTILL_METHODS for (t, mm, _) in results)
+            else 0,
+            1,
+        )
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
     if rows:
@@ -221,15 +232,23 @@ def _diff(r: dict, prefix: str) -> str:
     return f"{r[f'{prefix}sdw_minus_avpbc']:+.1f}" + (f" [{lo:+.1f}, {hi:+.1f}]" if lo is not None else "")
 
 
+def _versus_baseline(r: dict, method: str) -> str:
+    d = r.get(f"{method}_minus_best_baseline")
+    if d is None:
+        return "-"
+    lo, hi = r.get(f"{method}_minus_best_baseline_ci_low"), r.get(f"{method}_minus_best_baseline_ci_high")
+    return f"{d:+.1f}" + (f" [{lo:+.1f}, {hi:+.1f}]" if lo is not None else "") + f" vs {r['best_baseline']}"
+
+
 def markdown(rows: list[dict], methods: list[str]) -> str:
     head = [
         "dataset",
         "data score",
         "teacher",
         *methods,
+        "Av-PBC - best no-BPTT set (paired)",
         "SDW - Av-PBC (paired, 95% t CI)",
         "Wilcoxon p",
-        "SDW - Av-PBC, final evaluation only",
         "published Av-PBC",
         "published SDW",
     ]
@@ -241,13 +260,20 @@ def markdown(rows: list[dict], methods: list[str]) -> str:
             f"{r['behaviour_score']:.1f}",
             f"{r['teacher_score']:.1f}",
             *(_fmt(r[f"{m}_mean"], r[f"{m}_std"]) + f" (n={r[f'{m}_n']})" for m in methods),
+            _versus_baseline(r, "avpbc"),
             diff,
             f"{r['wilcoxon_p']:.3f}" if r.get("wilcoxon_p") is not None else "-",
-            _diff(r, "final_"),
             f"{r['published_avpbc']}" if r["published_avpbc"] is not None else "-",
             f"{r['published_sdw']}" if r["published_sdw"] is not None else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    scored = sorted({float(r["scored_evaluations_per_run"]) for r in rows if r.get("scored_evaluations_per_run")})
+    if scored:
+        lines += [
+            "",
+            "A run's score averages its last K evaluations (K = 5) that lie in its final 20% of outer steps; "
+            f"evaluations per run that entered it: {', '.join(f'{x:g}' for x in scored)}. Baselines: one evaluation.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -350,7 +376,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m obd.table", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--tasks", default=",".join(NINE), help="comma-separated (default: the paper's nine datasets)")
-    p.add_argument("--methods", default="random,avpbc,sdw", help="default random,avpbc,sdw")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"default {','.join(DEFAULT_METHODS)}")
     p.add_argument("--seeds", default="0-4", help="a range 0-4 or a list 0,1,2 (default 0-4)")
     p.add_argument("--budget", default="quick", help="a budget of sweeps/budgets/ (default quick)")
     p.add_argument("--config", default=None, help="YAML of RunConfig fields applied to every run")
@@ -368,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     from obd.config import METHODS, budget_names, read_yaml
     from obd.data import get_task
+    from obd.evaluate import rescore
     from obd.tracking import setup_logging
 
     setup_logging()
@@ -389,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.rebuild:
         results = {}
         for path in out.glob("runs/*/*/metrics.json"):
-            m = json.loads(path.read_text())
+            m = rescore(json.loads(path.read_text()))
             if m["task"] in tasks and m["method"] in methods and m["seed"] in seeds:
                 results[(m["task"], m["method"], m["seed"])] = m
     else:

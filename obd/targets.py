@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from obd.config import DataConfig, DensityConfig, RunConfig, TeacherConfig
+from obd.config import BASELINE_START, DataConfig, DensityConfig, RunConfig, TeacherConfig
 from obd.data import OfflineDataset, Task, generated_path, load_source, parse_source, resolve_task
 from obd.data.paths import data_dir
 from obd.seeding import derive_seed
@@ -157,7 +157,7 @@ class Targets:
                 "max": float(q.max()),
                 "negative_fraction": float((q < 0).double().mean()),  # clamped to weight 0 in Av-PBC / SDW
             }
-        if method != "random":
+        if method not in BASELINE_START:
             _, w = self.targets_and_weights(method, beta, density)
             out["weight_stats"] = weight_stats(w)
             if self.q is not None and method in ("avpbc", "sdw"):
@@ -183,7 +183,8 @@ def _cache_dir(data_hash: str) -> Path:
 def prepare_targets(
     cfg: RunConfig, method: str, show_progress: bool = True, generate: bool = True, force_task: bool = False
 ) -> Targets:
-    """Stages 1 and 2 for ``method`` (dbc and random need no teacher; only sdw needs the density)."""
+    """Stages 1 and 2 for ``method``: the teacher where the method or the synthetic set's start
+    (``cfg.distill.start``, or the baseline's own) reads pi*(s); the density for sdw only."""
     task, ds = prepare_dataset(cfg.data, generate=generate, show_progress=show_progress, force_task=force_task)
     data_hash = ds.content_hash()
     cache = _cache_dir(data_hash)
@@ -208,7 +209,8 @@ def prepare_targets(
         behaviour_score=float(scores.mean()),
         artifacts={"dataset": ds.source, "normalization": str(norm_path)},
     )
-    if method in ("pbc", "avpbc", "sdw"):
+    start = BASELINE_START.get(method, cfg.distill.start)
+    if method in ("pbc", "avpbc", "sdw") or start != "real-pairs":
         from obd.devices import resolve_device
 
         _teacher_stage(t, ds, cfg.teacher, cache, show_progress, resolve_device(cfg.device))

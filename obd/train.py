@@ -6,7 +6,8 @@ dataset -> targets (teacher, Q, density; cached) -> distillation -> evaluation -
 ``--out``: ``synthetic.npz``, ``metrics.json`` (every evaluation, the last-K score, config, seed,
 versions, data hash), ``config.yaml``, ``checkpoints/`` (``--resume`` continues from ``last.ckpt``),
 ``logs/`` (CSV) and ``wandb/`` (offline unless you are logged in).
-``--method random`` skips distillation and evaluates random real pairs: the baseline.
+``--method random | random-teacher | kmeans-teacher`` skips distillation and evaluates a start of
+:mod:`obd.starts` as it is (random real pairs; random states with pi*(s); k-means states with pi*(s)).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from obd.config import METHODS, RunConfig, budget_names, build_config, read_yaml, to_dict
+from obd.config import BASELINE_START, RunConfig, budget_names, build_config, read_yaml, to_dict
 from obd.errors import ConfigError, ObdError, cli
 
 log = logging.getLogger("obd.train")
@@ -79,16 +80,22 @@ def _evaluation_callback(task, mean, std, cfg: RunConfig, listeners: Sequence, i
     from obd.evaluate import evaluate_synthetic
     from obd.seeding import derive_seed
 
+    steps = set(cfg.evaluation_steps())
+
     class EvaluationCallback(pl.Callback):
-        """Evaluates the synthetic set every ``eval_every`` outer steps and at the end, with the published
+        """Evaluates the synthetic set at ``cfg.evaluation_steps()`` and at the end, with the published
         protocol; results go to the loggers at their own outer step, to ``history`` and to ``listeners``."""
 
         def __init__(self) -> None:
             self.history: list[dict] = []
             self.seconds_before, self.t0 = 0.0, time.time()  # wall time of earlier invocations, this one's start
+            self.cpu_before, self.cpu0 = 0.0, time.process_time()  # the same in CPU time (all threads)
 
         def wall_seconds(self) -> float:
             return round(self.seconds_before + time.time() - self.t0, 1)
+
+        def cpu_seconds(self) -> float:
+            return round(self.cpu_before + time.process_time() - self.cpu0, 1)
 
         def _run(self, trainer: pl.Trainer, module: Any) -> None:
             if interrupt.hit:
@@ -97,10 +104,19 @@ def _evaluation_callback(task, mean, std, cfg: RunConfig, listeners: Sequence, i
             if self.history and self.history[-1]["step"] == step:
                 return
             states, actions = module.synthetic()
+            cpu_before_eval = self.cpu_seconds()
             res = evaluate_synthetic(
                 states, actions, task, mean, std, cfg.eval, seed=derive_seed(cfg.distill.seed, "evaluation", step)
             )
-            self.history.append({"step": step, **res})
+            # cpu_seconds: the run's CPU time up to this evaluation (excluded), for curves against compute
+            self.history.append(
+                {
+                    "step": step,
+                    **res,
+                    "cpu_seconds": cpu_before_eval,
+                    "eval_cpu_seconds": self.cpu_seconds() - cpu_before_eval,
+                }
+            )
             for lg in trainer.loggers:
                 lg.log_metrics(
                     {
@@ -116,7 +132,7 @@ def _evaluation_callback(task, mean, std, cfg: RunConfig, listeners: Sequence, i
             if interrupt.hit:
                 trainer.should_stop = True
                 return
-            if cfg.eval_every and trainer.global_step % cfg.eval_every == 0:
+            if trainer.global_step in steps:
                 self._run(trainer, module)
 
         def final(self, trainer: pl.Trainer, module: Any) -> None:
@@ -124,24 +140,28 @@ def _evaluation_callback(task, mean, std, cfg: RunConfig, listeners: Sequence, i
             self._run(trainer, module)
 
         def state_dict(self) -> dict:
-            return {"history": self.history, "wall_seconds": self.wall_seconds()}
+            return {"history": self.history, "wall_seconds": self.wall_seconds(), "cpu_seconds": self.cpu_seconds()}
 
         def load_state_dict(self, state: dict) -> None:
             self.history = list(state.get("history", []))
             self.seconds_before = float(state.get("wall_seconds", 0.0))
+            self.cpu_before = float(state.get("cpu_seconds", 0.0))
 
     return EvaluationCallback()
 
 
 def run(
     cfg: RunConfig,
-    resume: bool = False,
+    resume: bool | None = None,
     show_progress: bool = True,
     listeners: Sequence = (),
     loggers: list | None = None,
     force_task: bool = False,
 ) -> dict:
-    """Distil (or, for method 'random', sample) a synthetic set, evaluate it, write the outputs; returns metrics."""
+    """Distil (or, for a baseline method, pick) a synthetic set, evaluate it, write the outputs; returns metrics.
+
+    ``resume``: True continues the checkpoint in ``cfg.out`` (an error when there is none), False starts
+    afresh, None continues one if there is one. A checkpoint of another config or dataset is an error."""
     import lightning.pytorch as pl
     import torch
     import yaml
@@ -150,8 +170,11 @@ def run(
 
     from obd.datamodule import OBDDataModule
     from obd.distill import BehaviorDistillation
-    from obd.evaluate import evaluate_synthetic, save_synthetic, summarize_history
+    from obd.evaluate import evaluate_synthetic, summarize_history
+    from obd.runs import check_continuable, record_start
     from obd.seeding import derive_seed
+    from obd.starts import initial_set
+    from obd.synthetic_set import save_synthetic
     from obd.targets import prepare_targets
     from obd.tracking import finish, versions, wandb_logger
 
@@ -165,16 +188,25 @@ def run(
     method, seed = cfg.distill.method, cfg.distill.seed
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     check_writable(out)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    continuing = ckpt.is_file() and resume is not False and method not in BASELINE_START
+    if resume and not continuing:
+        raise ObdError(f"--resume: no checkpoint in {out} ({ckpt} is absent); run without --resume to start it")
+    if continuing:
+        check_continuable(out, cfg)  # before the teacher and density stages, which may take minutes
     from obd.devices import lightning_accelerator, resolve_device
 
     device = resolve_device(cfg.device)  # before any work: --device cuda without a GPU is a one-line error
     pl.seed_everything(derive_seed(seed, "lightning") % 2**32, workers=True, verbose=False)
     t0 = time.time()
     targets = prepare_targets(cfg, method, show_progress=show_progress, force_task=force_task)
+    if continuing:
+        check_continuable(out, cfg, targets.data_hash)
+    record_start(out, cfg, targets.data_hash)
     task = targets.task
     dm = OBDDataModule(
         targets,
-        "dbc" if method == "random" else method,
+        "dbc" if method in BASELINE_START else method,
         cfg.distill.beta,
         cfg.density,
         cfg.distill.batch_size,
@@ -183,17 +215,17 @@ def run(
         device=device,
     )
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    init_s, init_a = dm.random_real_pairs(cfg.distill.n_synthetic, seed)
+    init_s, init_a = initial_set(targets, BASELINE_START.get(method, cfg.distill.start), cfg.distill.n_synthetic, seed)
     mean, std = targets.mean.numpy(), targets.std.numpy()
     described = targets.describe(method, cfg.distill.beta, cfg.density)
     k = cfg.eval.k_for(method)
-    if method == "random":
+    if method in BASELINE_START:
         states, actions = init_s, init_a
         res = evaluate_synthetic(states, actions, task, mean, std, cfg.eval, seed=derive_seed(seed, "evaluation", 0))
         history = [{"step": 0, **res}]
         wall = round(time.time() - t0, 1)
     else:
-        module = BehaviorDistillation(cfg.distill, init_s, init_a, grad_fn=cfg.grad_fn)
+        module = BehaviorDistillation(cfg.distill, init_s, init_a, grad_fn=cfg.grad_fn, outer_steps=cfg.outer_steps)
         interrupt = _Interrupt()
         evaluator = _evaluation_callback(task, mean, std, cfg, listeners, interrupt)
         evaluator.t0 = t0  # wall time counts this invocation's data and teacher loading too
@@ -201,7 +233,7 @@ def run(
         ckpt_cb = ModelCheckpoint(
             dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every
         )
-        ckpt_path = str(ckpt_dir / "last.ckpt") if resume and (ckpt_dir / "last.ckpt").is_file() else None
+        ckpt_path = str(ckpt) if continuing else None
         if ckpt_path:
             log.info("resuming from %s", ckpt_path)
         own_loggers = loggers is None
@@ -261,7 +293,7 @@ def run(
         "seed": seed,
         "budget": cfg.budget,
         "outer_steps": cfg.outer_steps,
-        **summarize_history(history, k),
+        **summarize_history(history, k, cfg.scored_from()),
         "protocol": {
             "policies": cfg.eval.policies,
             "episodes": cfg.eval.episodes,
@@ -305,96 +337,39 @@ def _prepend_csv(path: Path, earlier: list[dict]) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from obd.flags import add_config_flags
+
     p = argparse.ArgumentParser(
         prog="python -m obd.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--task",
-        default=None,
-        help="e.g. halfcheetah-medium: the generated dataset, or the env and normalization of --data",
-    )
+    p.add_argument("--task", default=None, help="e.g. halfcheetah-medium: the generated dataset, or the env of --data")
     p.add_argument("--data", default=None, help="another source: a D4RL hdf5 path, d4rl:TASK or minari:ID")
     p.add_argument("--force-task", action="store_true", help="accept a --task that contradicts the data's own")
-    p.add_argument("--method", default=None, help=f"{' | '.join(METHODS)} (default avpbc)")
-    p.add_argument(
-        "--budget", default="quick", help="one of sweeps/budgets/: smoke | quick | sweep | paper (default quick)"
-    )
+    p.add_argument("--budget", default="quick", help=f"one of sweeps/budgets/: {' | '.join(budget_names())}")
     p.add_argument("--config", default=None, help="YAML file of RunConfig fields (obd/config.py)")
-    p.add_argument(
-        "--teacher", default=None, help="a teacher file (obd's own, or a CORL checkpoint) instead of training TD3+BC"
-    )
-    p.add_argument("--seed", type=int, default=None, help="the run seed: init, batches, evaluation (default 0)")
-    p.add_argument("--data-seed", type=int, default=None, help="which generated dataset (default 0)")
-    p.add_argument("--size", type=int, default=None, help="generated dataset size (default: D4RL's)")
-    p.add_argument("--alpha", type=float, default=None, help="SDW density exponent (default 1.0)")
-    p.add_argument("--n-synthetic", type=int, default=None, help="synthetic pairs (default 256)")
-    p.add_argument("--inner-steps", type=int, default=None, help="inner SGD steps T (default 100)")
-    p.add_argument("--truncate", type=int, default=None, help="truncated BPTT window (default: none, exact)")
-    p.add_argument("--outer-steps", type=int, default=None, help="default: the budget's")
-    p.add_argument("--eval-every", type=int, default=None, help="default: the budget's")
-    p.add_argument("--policies", type=int, default=None, help="evaluation policies (default 10)")
-    p.add_argument("--episodes", type=int, default=None, help="episodes per evaluation policy (default 10)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
-    p.add_argument(
-        "--device",
-        default=None,
-        choices=("auto", "cpu", "cuda"),
-        help="where distillation, evaluation training and the teacher run (default auto: cuda if available)",
-    )
-    p.add_argument("--out", default=None, help="output directory (default runs/TASK-METHOD-sSEED)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
-    p.add_argument("--no-wandb", action="store_true", help="no W&B run")
+    p.add_argument("--no-wandb", action="store_true", help="no W&B run (the same as --wandb false)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    add_config_flags(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run's config: the budget, then --config, then --task/--data, then every config flag."""
+    from obd.flags import config_layer
+
     layers: list[dict] = []
     if args.config:
         loaded = read_yaml(Path(args.config))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{args.config}: a config file is a mapping of RunConfig fields")
         layers.append(loaded or {})
-    flags: dict[str, Any] = {
-        "data": {
-            k: v
-            for k, v in {
-                "source": args.data or args.task,
-                "task": args.task if args.data else None,
-                "size": args.size,
-                "data_seed": args.data_seed,
-            }.items()
-            if v is not None
-        },
-        "teacher": {"path": args.teacher} if args.teacher else {},
-        "density": {"alpha": args.alpha} if args.alpha is not None else {},
-        "distill": {
-            k: v
-            for k, v in {
-                "method": args.method,
-                "seed": args.seed,
-                "n_synthetic": args.n_synthetic,
-                "inner_steps": args.inner_steps,
-                "truncate": args.truncate,
-            }.items()
-            if v is not None
-        },
-        "eval": {k: v for k, v in {"policies": args.policies, "episodes": args.episodes}.items() if v is not None},
-        **{
-            k: v
-            for k, v in {
-                "outer_steps": args.outer_steps,
-                "eval_every": args.eval_every,
-                "out": args.out,
-                "threads": args.threads,
-                "device": args.device,
-            }.items()
-            if v is not None
-        },
-    }
+    if args.data or args.task:
+        layers.append({"data": {"source": args.data or args.task, **({"task": args.task} if args.data else {})}})
+    layers.append(config_layer(args))
     if args.no_wandb:
-        flags["wandb"] = False
-    layers.append(flags)
+        layers.append({"wandb": False})
     if args.budget not in budget_names():
         raise ConfigError(f"unknown budget {args.budget!r}; choose one of {', '.join(budget_names())}")
     return build_config(args.budget, layers)
@@ -408,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg.out = str(out)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
     try:
         m = run(cfg, resume=args.resume, force_task=args.force_task)
     except KeyboardInterrupt:

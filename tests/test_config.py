@@ -124,8 +124,34 @@ def test_when_clauses_select_on_dataset_kind(tmp_path, monkeypatch):
         build_config("bad")
 
 
-def test_sweep_and_quick_budgets_share_every_teacher():
+def test_sweep_quick_and_converged_budgets_share_every_teacher():
+    """One cached teacher per dataset serves the study, the quick table and the converged table."""
     for env in ("halfcheetah", "hopper", "walker2d"):
         for kind in ("random", "medium", "medium-replay", "medium-expert", "expert"):
             layer = [{"data": {"source": f"{env}-{kind}"}}]
-            assert build_config("sweep", layer).teacher == build_config("quick", layer).teacher, (env, kind)
+            for budget in ("sweep", "converged"):
+                assert build_config(budget, layer).teacher == build_config("quick", layer).teacher, (env, kind)
+
+
+def test_scored_evaluations_lie_at_the_end_of_every_budget():
+    from obd.config import build_config
+
+    paper = build_config("paper", [{"data": {"source": "halfcheetah-medium"}, "distill": {"method": "avpbc"}}])
+    steps = paper.evaluation_steps()  # the published schedule: every 1,000, the score over the last 5
+    assert steps == list(range(1000, 50_001, 1000))
+    assert [s for s in steps if s >= paper.scored_from()][-5:] == [46_000, 47_000, 48_000, 49_000, 50_000]
+    for budget in ("quick", "sweep", "converged"):
+        cfg = build_config(budget, [{"data": {"source": "halfcheetah-medium"}}])
+        tail = [s for s in cfg.evaluation_steps() if s >= cfg.scored_from()]
+        assert (
+            len(tail) >= cfg.eval.k_for("avpbc") and tail[-1] == cfg.outer_steps and tail[0] >= 0.8 * cfg.outer_steps
+        ), budget
+
+
+def test_rescore_drops_evaluations_before_the_window():
+    from obd.evaluate import rescore
+
+    old = {"method": "avpbc", "outer_steps": 300, "last_k": 5, "config": {}, "score": 20.0}
+    old["history"] = [{"step": 100, "score": 10.0}, {"step": 200, "score": 20.0}, {"step": 300, "score": 30.0}]
+    m = rescore(old)
+    assert m["score"] == 30.0 and m["scored_steps"] == [300] and m["last_k_used"] == 1

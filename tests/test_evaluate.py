@@ -39,6 +39,13 @@ def test_evaluation_protocol_shapes_and_last_k():
         S, A, task, np.zeros(11), np.ones(11), EvalConfig(**{**cfg.__dict__, "ensemble": True}), seed=0
     )
     assert np.array(ens["episode_scores"]).shape == (1, 2)
-    hist = [{"score": v} for v in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)]
-    assert summarize_history(hist, 5) == {"score": 4.0, "final_score": 6.0, "last_k": 5, "last_k_used": 5}
+    hist = [{"step": s, "score": float(s)} for s in (1, 2, 3, 4, 5, 6)]
+    assert summarize_history(hist, 5) == {
+        "score": 4.0,
+        "final_score": 6.0,
+        "last_k": 5,
+        "last_k_used": 5,
+        "scored_steps": [2, 3, 4, 5, 6],
+    }
     assert summarize_history(hist[:2], 5)["score"] == 1.5
+    assert summarize_history(hist, 5, scored_from=5)["score"] == 5.5  # never an evaluation before the window

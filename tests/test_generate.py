@@ -279,7 +279,7 @@ SHIPPED = {
 def test_shipped_policy_makes_expert_data(env):
     """Issue 12: a fresh clone generates ENV-expert from the shipped policy file; its medium is the
     snapshot the medium datasets were made from and its expert the one the README reports."""
-    from obd.behavior.generate import policy_file
+    from obd.data.behaviour_policies import policy_file
 
     pf = torch.load(policy_file(env), weights_only=True)
     assert "obd/behavior/policies" in policy_file(env).as_posix()

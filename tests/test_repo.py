@@ -68,3 +68,43 @@ def test_readme_results_blocks_are_generated_from_the_committed_results():
     assert blocks, "the README has no generated results block"
     for out, body in blocks:
         assert body == readme_block(Path(out), ROOT), f"README block {out} differs from its results files"
+
+
+def obd_imports() -> dict[str, set[str]]:
+    """obd module -> the obd modules it imports (at module level or inside functions)."""
+    import ast
+
+    files = {}
+    for p in (ROOT / "obd").rglob("*.py"):
+        parts = p.relative_to(ROOT).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph: dict[str, set[str]] = {}
+    for name, p in files.items():
+        package = name if p.name == "__init__.py" else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(up + ([base] if base else []))
+                deps |= {f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names}
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def test_no_import_cycle_among_obd_modules():
+    graph = obd_imports()
+    assert graph["obd.train"] and "obd.data" in graph["obd.targets"]  # the walk sees imports
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for d in graph[start]:
+            if d == goal or (d not in seen and (seen.add(d) or reaches(d, goal, seen))):
+                return True
+        return False
+
+    cycles = sorted(m for m in graph if reaches(m, m, set()))
+    assert not cycles, f"modules on an import cycle: {cycles}"
+    assert not any(d.startswith("obd.behavior") for d in graph["obd.data"]), "reading data imports behaviour code"

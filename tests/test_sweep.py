@@ -88,7 +88,8 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     r = subprocess.run(sweep_cmd(study, out), capture_output=True, text=True, env=env(tmp_path), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["methods"]) == {"sdw", "avpbc", "random"}  # the random-pairs baseline always runs
+    # the three sets that need no outer loop always run beside the methods
+    assert set(summary["methods"]) == {"sdw", "avpbc", "random", "random-teacher", "kmeans-teacher"}
     assert summary["protocol"]["policies"] == 2 and summary["protocol"]["last_k"] == 5
     for m in ("sdw", "avpbc"):
         row = summary["methods"][m]
@@ -403,7 +404,7 @@ def test_a_stored_run_from_before_a_new_field_is_still_the_same_configuration():
     """A finished run whose stored config predates a field (it ran with the default) is kept; an
     execution detail (CUDA graph on or off) never makes a difference; a real change does."""
     from obd.config import RunConfig, to_dict
-    from obd.sweep import comparable_run, config_difference
+    from obd.runs import comparable_run, config_difference
 
     now = to_dict(RunConfig())
     old = to_dict(RunConfig())
@@ -415,3 +416,15 @@ def test_a_stored_run_from_before_a_new_field_is_still_the_same_configuration():
     other = to_dict(RunConfig())
     other["distill"]["inner_precision"] = "bfloat16"
     assert config_difference(comparable_run(other), comparable_run(now)).startswith("distill.inner_precision")
+
+
+def test_unknown_study_keys_and_baselines_are_refused(tmp_path):
+    from obd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown study key.*seed_count"):
+        load_study(write_study(tmp_path, seed_count=3), "hopper-random")
+    with pytest.raises(ConfigError, match="unknown baseline.*random-pairs"):
+        load_study(write_study(tmp_path, baselines=["random-pairs"]), "hopper-random")
+    assert load_study(write_study(tmp_path, baselines=["kmeans-teacher"]), "hopper-random")["baselines"] == [
+        "kmeans-teacher"
+    ]

@@ -10,6 +10,8 @@ import torch
 from obd.config import DensityConfig, DistillConfig, RunConfig, build_config, merge
 from obd.datamodule import OBDDataModule
 from obd.distill import BehaviorDistillation
+from obd.errors import ConfigError
+from obd.starts import initial_set
 from obd.targets import prepare_targets
 from obd.train import run
 
@@ -50,7 +52,7 @@ def test_sdw_alpha_zero_equals_avpbc(tmp_path):
     for method in ("avpbc", "sdw"):
         dm = OBDDataModule(t, method, 0.02, cfg.density, 64, 2, seed=0)
         b = dm.batches().batch(0)
-        s, a = dm.random_real_pairs(8, 0)
+        s, a = initial_set(t, "real-pairs", 8, 0)
         m = BehaviorDistillation(DistillConfig(hidden=(16,), inner_steps=3), s, a)
         grads.append(m.outer_gradient(*b, step=0))
     assert torch.equal(grads[0][1], grads[1][1]) and torch.equal(grads[0][2], grads[1][2])
@@ -141,9 +143,9 @@ def test_tiny_run_lowers_outer_loss_and_saves(tmp_path):
     ):
         assert k in metrics
     assert metrics["method"] == "sdw" and metrics["task"] == "hopper-random"
-    assert [h["step"] for h in metrics["history"]] == [3, 6]
+    assert [h["step"] for h in metrics["history"]] == [3, 5, 6]  # coarse, then the scored final fifth
     assert metrics["protocol"] == {"policies": 2, "episodes": 1, "last_k": 5, "ensemble": False}
-    assert metrics["score"] == pytest.approx(np.mean([h["score"] for h in metrics["history"]]))
+    assert metrics["score"] == pytest.approx(np.mean([h["score"] for h in metrics["history"][1:]]))
     assert len(metrics["history"][0]["policy_scores"]) == 2
     assert 0 < metrics["density_weight_stats"]["ess_fraction"] <= 1
     # every log of the run under its own directory (CSV and W&B), none in the working directory
@@ -153,7 +155,7 @@ def test_tiny_run_lowers_outer_loss_and_saves(tmp_path):
     # the outer loss of the learned set is lower than that of its initialization, on the same batches
     t = prepare_targets(cfg, "sdw", show_progress=False)
     dm = OBDDataModule(t, "sdw", cfg.distill.beta, cfg.density, 64, 2, seed=0)
-    s0, a0 = dm.random_real_pairs(16, 0)
+    s0, a0 = initial_set(t, "real-pairs", 16, 0)
     batch = dm.batches().batch(0)
     losses = []
     for s, a in ((s0, a0), (torch.from_numpy(z["states"]), torch.from_numpy(z["actions"]))):
@@ -210,7 +212,7 @@ def test_random_baseline_evaluates_random_real_pairs(tmp_path):
     assert m["method"] == "random" and [h["step"] for h in m["history"]] == [0]
     z = np.load(tmp_path / "run" / "synthetic.npz")
     t = prepare_targets(cfg, "dbc", show_progress=False)
-    s, a = OBDDataModule(t, "dbc", 0.02, cfg.density, 64, 2, seed=3).random_real_pairs(16, 3)
+    s, a = initial_set(t, "real-pairs", 16, 3)
     np.testing.assert_array_equal(z["states"], s.numpy())
     np.testing.assert_array_equal(z["actions"], a.numpy())  # dataset actions of those states
     again = evaluate_synthetic(s, a, t.task, t.mean.numpy(), t.std.numpy(), cfg.eval, derive_seed(3, "evaluation", 0))
@@ -327,67 +329,93 @@ def test_ctrl_c_during_collect_is_one_line(tmp_path):
     assert not list((tmp_path / "data" / "datasets").glob("*.hdf5"))  # nothing half-written
 
 
-def test_every_train_flag_maps_to_a_config_key(tmp_path):
-    """Issue 9: the CLI is checked against the dataclasses: each value flag lands on its RunConfig field."""
-    from obd.train import config_from_args, parser
+def test_every_config_field_is_a_flag_and_print_config_shows_the_resolved_config(tmp_path, capsys):
+    import yaml
 
-    args = parser().parse_args(
-        [
-            "--task",
-            "hopper-medium",
-            "--data",
-            "d4rl:hopper-medium",
-            "--method",
-            "sdw",
-            "--budget",
-            "smoke",
-            "--teacher",
-            "t.pt",
-            "--seed",
-            "3",
-            "--data-seed",
-            "4",
-            "--size",
-            "5000",
-            "--alpha",
-            "0.5",
-            "--n-synthetic",
-            "16",
-            "--inner-steps",
-            "7",
-            "--truncate",
-            "3",
-            "--outer-steps",
-            "9",
-            "--eval-every",
-            "3",
-            "--policies",
-            "4",
-            "--episodes",
-            "2",
-            "--threads",
-            "1",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path),
-            "--no-wandb",
-        ]
-    )
-    c = config_from_args(args)
-    assert (c.data.source, c.data.task, c.data.data_seed, c.data.size) == (
-        "d4rl:hopper-medium",
-        "hopper-medium",
-        4,
-        5000,
-    )
-    assert (c.teacher.path, c.density.alpha) == ("t.pt", 0.5)
-    assert (c.distill.method, c.distill.seed, c.distill.n_synthetic, c.distill.inner_steps, c.distill.truncate) == (
-        "sdw",
-        3,
-        16,
-        7,
-        3,
-    )
-    assert (c.outer_steps, c.eval_every, c.eval.policies, c.eval.episodes) == (9, 3, 4, 2)
-    assert (c.threads, c.device, c.out, c.wandb, c.budget) == (1, "cpu", str(tmp_path), False, "smoke")
+    from obd.config import to_dict
+    from obd.flags import ALIASES, NOT_FLAGS, leaves
+    from obd.train import config_from_args, main, parser
+
+    p = parser()
+    flags = {s for a in p._actions for s in a.option_strings}
+    for key, *_ in leaves():
+        assert key in NOT_FLAGS or f"--{key}" in flags, key
+    assert all(f"--{a}" in flags for a in ALIASES)
+    argv = ["--task", "hopper-medium", "--budget", "smoke", "--seed", "3", "--distill.outer_lr", "1e-3"]
+    argv += ["--eval.hidden", "[64,64]", "--start", "kmeans", "--density.clip", "null", "--out", str(tmp_path)]
+    c = config_from_args(p.parse_args([*argv, "--no-wandb"]))
+    assert (c.distill.seed, c.distill.outer_lr, c.eval.hidden, c.distill.start) == (3, 1e-3, (64, 64), "kmeans")
+    assert c.density.clip is None and c.wandb is False and c.budget == "smoke" and c.data.source == "hopper-medium"
+    assert main([*argv, "--no-wandb", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == to_dict(c)
+    with pytest.raises(ConfigError, match="distill.inner_lr"):
+        config_from_args(p.parse_args(["--distill.inner_lr", "fast"]))
+
+
+@pytest.mark.parametrize("method,start", [("random-teacher", "teacher-labelled"), ("kmeans-teacher", "kmeans")])
+def test_teacher_baselines_run_without_distillation(tmp_path, method, start):
+    cfg = tiny_cfg(tmp_path, distill={"method": method, "seed": 2})
+    m = run(cfg, show_progress=False)
+    assert m["method"] == method and [h["step"] for h in m["history"]] == [0]
+    assert m["teacher"] is not None  # the teacher labelled the states
+    z = np.load(tmp_path / "run" / "synthetic.npz")
+    t = prepare_targets(cfg, "pbc", show_progress=False)
+    s, a = initial_set(t, start, 16, 2)
+    np.testing.assert_array_equal(z["states"], s.numpy())
+    np.testing.assert_array_equal(z["actions"], a.numpy())
+
+
+def test_a_distillation_run_starts_from_the_configured_start(tmp_path):
+    """With zero outer steps the saved set is the start itself."""
+    cfg = tiny_cfg(tmp_path, outer_steps=0, distill={"method": "dbc", "start": "kmeans", "seed": 1})
+    run(cfg, show_progress=False)
+    z = np.load(tmp_path / "run" / "synthetic.npz")
+    s, a = initial_set(prepare_targets(cfg, "pbc", show_progress=False), "kmeans", 16, 1)
+    np.testing.assert_array_equal(z["states"], s.numpy())
+    np.testing.assert_array_equal(z["actions"], a.numpy())
+
+
+def test_the_score_averages_only_evaluations_in_the_final_fifth(tmp_path):
+    cfg = tiny_cfg(tmp_path, outer_steps=10, eval_every=5, checkpoint_every=5)
+    assert cfg.evaluation_steps() == [5, 8, 9, 10] and cfg.scored_from() == 8
+    m = run(cfg, show_progress=False)
+    assert [h["step"] for h in m["history"]] == [5, 8, 9, 10]  # the coarse one, then the scored ones
+    assert m["scored_steps"] == [8, 9, 10] and m["last_k_used"] == 3
+    assert m["score"] == pytest.approx(np.mean([h["score"] for h in m["history"][1:]]))
+    assert m["final_score"] == m["history"][-1]["score"]
+    assert all(h["cpu_seconds"] >= 0 and h["eval_cpu_seconds"] >= 0 for h in m["history"])
+
+
+def test_cosine_schedule_resumes_to_the_uninterrupted_result(tmp_path):
+    over = {"outer_steps": 6, "distill": {"outer_optimizer": "adam", "outer_lr": 0.05, "outer_lr_schedule": "cosine"}}
+    run(tiny_cfg(tmp_path / "a", **over), show_progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step: int, score: float) -> None:
+        if step == 3:
+            raise Stop  # killed after step 3; the last checkpoint is step 2's
+
+    with pytest.raises(Stop):
+        run(tiny_cfg(tmp_path / "b", **over), show_progress=False, listeners=[stop_at_3])
+    run(tiny_cfg(tmp_path / "b", **over), resume=True, show_progress=False)
+    za, zb = np.load(tmp_path / "a" / "run" / "synthetic.npz"), np.load(tmp_path / "b" / "run" / "synthetic.npz")
+    np.testing.assert_allclose(za["states"], zb["states"], rtol=1e-5, atol=1e-6)
+    # and the schedule matters: a constant lr ends elsewhere
+    const = tiny_cfg(tmp_path / "c", **{**over, "distill": {**over["distill"], "outer_lr_schedule": "constant"}})
+    run(const, show_progress=False)
+    assert not np.allclose(za["states"], np.load(tmp_path / "c" / "run" / "synthetic.npz")["states"], atol=1e-4)
+
+
+def test_resume_refuses_another_method_or_a_missing_checkpoint(tmp_path):
+    from obd.errors import ObdError
+
+    with pytest.raises(ObdError, match="no checkpoint in"):
+        run(tiny_cfg(tmp_path, outer_steps=2), resume=True, show_progress=False)
+    run(tiny_cfg(tmp_path, outer_steps=2, distill={"method": "sdw"}), show_progress=False)
+    with pytest.raises(ObdError, match="another run.*distill.method: 'sdw' then, 'avpbc' now"):
+        run(tiny_cfg(tmp_path, outer_steps=4, distill={"method": "avpbc"}), resume=True, show_progress=False)
+    # the same run continues to more steps; with no resume flag a library caller continues it too
+    m = run(tiny_cfg(tmp_path, outer_steps=4, distill={"method": "sdw"}), show_progress=False)
+    assert [h["step"] for h in m["history"]][0] == 2  # step 2's evaluation kept from the first invocation

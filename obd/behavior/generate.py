@@ -16,19 +16,22 @@ file (e.g. an expert trained further and exported again) is refused instead of s
 
 from __future__ import annotations
 
-import hashlib
-import importlib.resources
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 import obd
-from obd.data import DatasetError, Task, generated_path
+from obd.data import Task, generated_path
+from obd.data.behaviour_policies import (
+    acting_snapshots,
+    behaviour_digest,
+    check_generated,
+    load_policy_file,
+    policy_state,
+)
 from obd.data.d4rl import write_d4rl_hdf5
-from obd.data.paths import data_dir
 from obd.nets import TanhGaussianActor
 from obd.rollout import Policy, Transitions, collect_transitions
 from obd.seeding import derive_seed
@@ -37,24 +40,6 @@ from .sac import actor_policy
 
 DEFAULT_SIZES = {"random": 1_000_000, "medium": 1_000_000, "expert": 1_000_000, "medium-expert": 2_000_000}
 N_ENVS = 8
-
-
-def policy_file(env: str) -> Path:
-    """A user-trained policy file in ``OBD_DATA_DIR/policies`` wins over the one shipped in the package."""
-    local = data_dir() / "policies" / f"{env}.pt"
-    if local.is_file():
-        return local
-    return Path(str(importlib.resources.files("obd.behavior") / "policies" / f"{env}.pt"))
-
-
-def load_policy_file(env: str) -> dict:
-    path = policy_file(env)
-    if not path.is_file():
-        raise DatasetError(
-            f"no behaviour policies for {env} at {path}; train them with "
-            f"`python -m obd.behavior train {env}` and `python -m obd.behavior export {env}`"
-        )
-    return torch.load(path, weights_only=True)
 
 
 def make_actor(pf: dict, state: dict) -> TanhGaussianActor:
@@ -75,64 +60,13 @@ def _random_policy(act_dim: int, seed: int):
     return lambda obs: rng.uniform(-1.0, 1.0, (obs.shape[0], act_dim)).astype(np.float32)
 
 
-def _policy_state(pf: dict, env: str, kind: str) -> dict:
-    """The actor state dict of the ``medium`` or ``expert`` policy; a clear error when it is absent."""
-    if kind not in pf:
-        raise DatasetError(
-            f"no {kind} policy for {env} in {policy_file(env)}: its training has "
-            f"not reached it; resume it with `python -m obd.behavior train {env}`"
-        )
-    return pf[kind]["actor"]
-
-
-def _acting_snapshots(pf: dict) -> list[dict]:
-    """The replay snapshots that acted in training (before ``learning_starts`` actions were random)."""
-    return [s for s in pf["replay"] if s["step"] > int(pf["learning_starts"])]
-
-
-def behaviour_digest(task: Task) -> str:
-    """16 hex digits over the actors ``task``'s data is rolled out from (``"random"`` for random data)."""
-    if task.kind == "random":
-        return "random"
-    pf = load_policy_file(task.env)
-    if task.kind == "medium-replay":
-        actors = [s["actor"] for s in _acting_snapshots(pf)]
-    else:
-        actors = [_policy_state(pf, task.env, k) for k in task.kind.split("-")]  # medium, expert, or both
-    h = hashlib.blake2b(digest_size=8)
-    for state in actors:
-        for k in sorted(state):
-            h.update(k.encode())
-            h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def check_generated(path: Path, task: Task) -> None:
-    """Raise :class:`DatasetError` when the generated file ``path`` was rolled out from other behaviour
-    policies than the policy file holds now; files written before obd recorded the digest pass."""
-    try:
-        with h5py.File(path, "r") as f:
-            rec = f["metadata/behaviour_digest"][()] if "metadata/behaviour_digest" in f else None
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read as an hdf5 dataset ({e})") from None
-    if rec is None:
-        return
-    recorded = rec.decode() if isinstance(rec, bytes) else str(rec)
-    now = behaviour_digest(task)
-    if recorded != now:
-        raise DatasetError(
-            f"{path}: rolled out from other {task.env} behaviour policies than {policy_file(task.env)} "
-            f"holds now (digest {recorded}, now {now}); move the file away to generate it from the current ones"
-        )
-
-
 def _segments(task: Task, size: int, seed: int) -> list[tuple[str, Policy, int]]:
     """(label, numpy policy, n_steps) pieces whose rollouts make up the dataset."""
     if task.kind == "random":
         return [("random", _random_policy(task.act_dim, seed), size)]
     pf = load_policy_file(task.env)
     if task.kind in ("medium", "expert"):
-        state = _policy_state(pf, task.env, task.kind)
+        state = policy_state(pf, task.env, task.kind)
         return [(task.kind, actor_policy(make_actor(pf, state), True, derive_seed(seed, task.kind)), size)]
     if task.kind == "medium-expert":
         half = size // 2
@@ -140,7 +74,7 @@ def _segments(task: Task, size: int, seed: int) -> list[tuple[str, Policy, int]]
     # medium-replay: each snapshot acted for the steps since the previous one.
     total = int(pf["medium"]["step"])
     starts = int(pf["learning_starts"])
-    acting = _acting_snapshots(pf)
+    acting = acting_snapshots(pf)
     bounds = np.array([0, min(starts, total), *(s["step"] for s in acting)], dtype=np.float64)
     counts = np.diff(np.round(bounds / total * size)).astype(int)
     segs: list[tuple[str, Policy, int]] = [("random", _random_policy(task.act_dim, seed), int(counts[0]))]

@@ -132,7 +132,7 @@ def load_source(source: str, task: Task | None = None, *, size: int | None = Non
             f"{gen_task.name} (seed {seed}) is not generated yet ({path} is absent); "
             f"run `python -m obd.data collect {gen_task.name}`"
         )
-    from obd.behavior.generate import check_generated  # here: obd.behavior itself imports obd.data
+    from .behaviour_policies import check_generated
 
     check_generated(path, gen_task)
     return load_d4rl_hdf5(path, task)

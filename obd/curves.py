@@ -1,0 +1,240 @@
+"""``python -m obd.curves``: where each dataset's plateau is, in outer steps and in CPU time.
+
+Runs (or reads back) long distillation runs with an evaluation every ``--eval-every`` outer steps,
+kept as ``obd.table`` keeps its runs (``OUT/runs/TASK/METHOD-sSEED/``, resumable, a finished run
+never recomputed), then writes from their histories only:
+
+- ``OUT/curves.csv``: one row per evaluation: task, method, seed, outer step, score, and the run's
+  distillation CPU seconds up to that step (evaluations excluded);
+- ``OUT/plateau.csv``: per dataset and method, the plateau and the steps and CPU time to reach it
+  (definitions below);
+- ``OUT/TASK.png``: score against outer step and against distillation CPU minutes, mean +/- s.e.
+  over seeds, the published Av-PBC as a reference line.
+
+Definitions (T = the runs' outer steps; every number is over the seeds, each seed's curve first):
+
+- plateau score: each seed's mean score over its evaluations in the last third (steps >= 2T/3);
+- change over the last third: per seed, the mean over [5T/6, T] minus the mean over [2T/3, 5T/6);
+  the curve is **flat** when the mean change is within +/- ``FLAT_POINTS`` (1 point);
+- steps to the plateau: the first evaluation step from which the mean curve over seeds, smoothed
+  by a running mean of 3 evaluations, reaches the plateau score minus ``FLAT_POINTS``; CPU seconds
+  to the plateau are the seeds' mean distillation CPU time at that step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from obd.errors import ConfigError, ObdError, cli
+
+FLAT_POINTS = 1.0
+
+
+def distill_cpu_seconds(history: list[dict]) -> list[float | None]:
+    """Per evaluation, the run's CPU seconds up to it, minus the earlier evaluations' own CPU time."""
+    out: list[float | None] = []
+    spent_evaluating = 0.0
+    for h in history:
+        if "cpu_seconds" not in h:
+            out.append(None)  # a run recorded before CPU time was logged
+            continue
+        out.append(round(h["cpu_seconds"] - spent_evaluating, 1))
+        spent_evaluating += h.get("eval_cpu_seconds", 0.0)
+    return out
+
+
+def plateau(curves: dict[int, list[tuple[int, float, float | None]]], outer_steps: int) -> dict:
+    """The plateau of one dataset and method from its seeds' curves (seed -> [(step, score, cpu_s)])."""
+    from obd.stats import paired_comparison
+
+    T = outer_steps
+    per_seed: dict[int, float] = {}
+    first_half: dict[int, float] = {}
+    second_half: dict[int, float] = {}
+    for seed, c in curves.items():
+        last = [s for st, s, _ in c if st >= 2 * T / 3]
+        a = [s for st, s, _ in c if 2 * T / 3 <= st < 5 * T / 6]
+        b = [s for st, s, _ in c if st >= 5 * T / 6]
+        if not (last and a and b):
+            raise ObdError(f"seed {seed}: too few evaluations in the last third of its {T} steps to find a plateau")
+        per_seed[seed], first_half[seed], second_half[seed] = float(np.mean(last)), float(np.mean(a)), float(np.mean(b))
+    scores = np.array(list(per_seed.values()))
+    change = paired_comparison(second_half, first_half)
+    level = float(scores.mean())
+    steps = sorted(set.intersection(*(set(st for st, _, _ in c) for c in curves.values())))
+    mean_curve = np.array([np.mean([dict((st, s) for st, s, _ in c)[step] for c in curves.values()]) for step in steps])
+    smooth = np.convolve(np.pad(mean_curve, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    reached = next(i for i, v in enumerate(smooth) if v >= level - FLAT_POINTS)
+    step = steps[reached]
+    cpus = [dict((st, cpu) for st, _, cpu in c)[step] for c in curves.values()]
+    known = [c for c in cpus if c is not None]
+    return {
+        "seeds": len(curves),
+        "outer_steps": T,
+        "plateau_score": round(level, 2),
+        "plateau_se": round(float(scores.std(ddof=1) / math.sqrt(len(scores))), 2) if len(scores) > 1 else None,
+        "last_third_change": round(change["mean_difference"], 2),
+        "change_ci_low": round(change["paired_t_ci"][0], 2) if "paired_t_ci" in change else None,
+        "change_ci_high": round(change["paired_t_ci"][1], 2) if "paired_t_ci" in change else None,
+        "flat": abs(change["mean_difference"]) <= FLAT_POINTS,
+        "steps_to_plateau": step,
+        "cpu_seconds_to_plateau": round(float(np.mean(known)), 0) if len(known) == len(cpus) else None,
+    }
+
+
+def read_runs(out: Path, tasks: list[str] | None = None) -> dict[tuple[str, str], dict[int, dict]]:
+    """(task, method) -> seed -> metrics, from ``OUT/runs/*/*/metrics.json``."""
+    runs: dict[tuple[str, str], dict[int, dict]] = {}
+    for path in sorted(out.glob("runs/*/*/metrics.json")):
+        m = json.loads(path.read_text())
+        if tasks is None or m["task"] in tasks:
+            runs.setdefault((m["task"], m["method"]), {})[int(m["seed"])] = m
+    return runs
+
+
+def build(out: Path, tasks: list[str] | None = None) -> list[dict]:
+    """curves.csv, plateau.csv and one figure per dataset from the runs under ``out``; the plateau rows."""
+    from obd.config import BASELINE_START
+
+    runs = read_runs(out, tasks)
+    if not runs:
+        raise ObdError(f"{out}: no finished runs under runs/*/*/metrics.json")
+    curve_rows, rows = [], []
+    for (task, method), seeds in sorted(runs.items()):
+        if method in BASELINE_START:
+            continue
+        curves = {}
+        for seed, m in sorted(seeds.items()):
+            cpu = distill_cpu_seconds(m["history"])
+            curves[seed] = [(h["step"], h["score"], c) for h, c in zip(m["history"], cpu)]
+            curve_rows += [
+                {"task": task, "method": method, "seed": seed, "step": st, "score": round(s, 3), "distill_cpu_s": c}
+                for st, s, c in curves[seed]
+            ]
+        lengths = {m["outer_steps"] for m in seeds.values()}
+        if len(lengths) > 1:
+            raise ObdError(f"{out / 'runs' / task}: {method} runs of different lengths {sorted(lengths)}")
+        rows.append({"task": task, "method": method, **plateau(curves, lengths.pop())})
+    _write_csv(out / "curves.csv", curve_rows)
+    _write_csv(out / "plateau.csv", rows)
+    for task in sorted({r["task"] for r in rows}):
+        plot_task(task, [r for r in curve_rows if r["task"] == task], [r for r in rows if r["task"] == task], out)
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+METHOD_STYLE = {"avpbc": ("Av-PBC", "tab:blue", "o"), "sdw": ("SDW", "tab:red", "s")}
+
+
+def plot_task(task: str, curve_rows: list[dict], rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from obd.table import PUBLISHED_AVPBC
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for r in rows:
+        method = r["method"]
+        label, color, marker = METHOD_STYLE.get(method, (method, None, "^"))
+        mine = [c for c in curve_rows if c["method"] == method]
+        steps = sorted({c["step"] for c in mine})
+        seeds = sorted({c["seed"] for c in mine})
+        by = {(c["seed"], c["step"]): c for c in mine}
+        y = np.array([[by[(s, st)]["score"] for s in seeds if (s, st) in by] for st in steps], dtype=object)
+        mean = np.array([np.mean(v) for v in y])
+        se = np.array([np.std(v, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0 for v in y])
+        cpu = [
+            np.mean([by[(s, st)]["distill_cpu_s"] for s in seeds if (s, st) in by and by[(s, st)]["distill_cpu_s"]])
+            if any((s, st) in by and by[(s, st)]["distill_cpu_s"] for s in seeds)
+            else np.nan
+            for st in steps
+        ]
+        for ax, x in ((axes[0], np.array(steps)), (axes[1], np.array(cpu, dtype=float) / 60)):
+            ax.plot(x, mean, color=color, marker=marker, markersize=3, label=f"{label} (n={len(seeds)} seeds)")
+            ax.fill_between(x, mean - se, mean + se, color=color, alpha=0.2)
+        axes[0].axvline(r["steps_to_plateau"], color=color, linestyle=":", linewidth=1)
+    pub = PUBLISHED_AVPBC.get(task)
+    for ax in axes:
+        if pub is not None:
+            ax.axhline(pub, color="k", linestyle="--", linewidth=1, label="Av-PBC published (50k steps, D4RL)")
+        ax.grid(alpha=0.3)
+    axes[0].set_xlabel("outer step (dotted: steps to the plateau)")
+    axes[1].set_xlabel("distillation CPU minutes (evaluations excluded)")
+    axes[0].set_ylabel("normalized return")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{task}: mean +/- s.e. over seeds, 10 policies x 10 episodes per evaluation", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / f"{task}.png", dpi=110)
+    plt.close(fig)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m obd.curves", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--tasks", default=None, help="comma-separated (default: the paper's nine datasets)")
+    p.add_argument("--methods", default="avpbc,sdw", help="default avpbc,sdw")
+    p.add_argument("--seeds", default="0-2", help="a range 0-2 or a list 0,1,2 (default 0-2)")
+    p.add_argument("--budget", default="quick", help="the recipe, a budget of sweeps/budgets/ (default quick)")
+    p.add_argument("--config", default=None, help="YAML of RunConfig fields applied to every run")
+    p.add_argument("--outer-steps", type=int, default=3000, help="length of every run (default 3000)")
+    p.add_argument("--eval-every", type=int, default=100, help="evaluation interval (default 100)")
+    p.add_argument("--out", default="results/curves", help="default results/curves")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    p.add_argument("--rebuild", action="store_true", help="only rebuild the files from the runs already there")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    from obd.config import DISTILL_METHODS, budget_names, read_yaml
+    from obd.data import get_task
+    from obd.table import NINE, parse_seeds, run_all
+    from obd.tracking import setup_logging
+
+    setup_logging()
+    tasks = [get_task(t).name for t in a.tasks.split(",")] if a.tasks else list(NINE)
+    methods = a.methods.split(",")
+    bad = [m for m in methods if m not in DISTILL_METHODS]
+    if bad:
+        raise ConfigError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(DISTILL_METHODS)}")
+    if a.budget not in budget_names():
+        raise ConfigError(f"unknown budget {a.budget!r}; choose one of {', '.join(budget_names())}")
+    if a.outer_steps < 6 or a.eval_every < 1:
+        raise ConfigError("--outer-steps must be >= 6 and --eval-every >= 1 (a plateau needs evaluations)")
+    out = Path(a.out)
+    if not a.rebuild:
+        layers = [read_yaml(Path(a.config)) or {}] if a.config else []
+        layers.append({"outer_steps": a.outer_steps, "eval_every": a.eval_every})
+        run_all(tasks, methods, parse_seeds(a.seeds), a.budget, out, a.jobs, layers, threads=a.threads)
+    rows = build(out, tasks)
+    for r in rows:
+        print(
+            f"{r['task']:>26} {r['method']:>6}: plateau {r['plateau_score']:.1f} "
+            f"(change over the last third {r['last_third_change']:+.1f}, {'flat' if r['flat'] else 'NOT flat'}), "
+            f"reached at step {r['steps_to_plateau']}"
+            + (f", {r['cpu_seconds_to_plateau'] / 60:.1f} CPU min" if r["cpu_seconds_to_plateau"] else "")
+        )
+    print(f"wrote {out / 'curves.csv'}, {out / 'plateau.csv'} and one figure per dataset")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(main))

@@ -1,0 +1,76 @@
+"""Run folders as a store: when a stored run may stand for the run a config asks for.
+
+A run folder holds ``config.yaml`` (written at the start), ``run.json`` (the config and the data hash it
+started on), ``checkpoints/`` while it runs, and ``metrics.json`` and ``synthetic.npz`` once finished.
+A finished run is reused, and an unfinished one continued, only when its config (completed with
+today's defaults for fields added since) and its dataset's content hash equal what is asked for now;
+otherwise the caller gets a one-line error naming the first difference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from obd.config import RunConfig, merge, to_dict
+from obd.errors import ObdError
+
+
+def check_same_data(path: Path, metrics: dict, data_hash: str, rerun: str) -> None:
+    """A finished run is reused only on the data it ran on: a dataset generated again (e.g. from a
+    re-exported behaviour policy) has another content hash. ``rerun`` says what to do instead."""
+    if metrics.get("data_hash", data_hash) != data_hash:
+        raise ObdError(
+            f"{path}: run on other data (data hash {metrics['data_hash']}, the dataset's now {data_hash}); {rerun}"
+        )
+
+
+def config_difference(a: dict, b: dict, where: str = "") -> str | None:
+    """The first dotted key where two nested configs differ, or None."""
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            d = config_difference(x, y, f"{where}{k}.")
+            if d:
+                return d
+        elif x != y:
+            return f"{where}{k}: {x!r} then, {y!r} now"
+    return None
+
+
+IGNORED_IN_COMPARISON = ("out", "wandb", "wandb_group", "wandb_project", "threads", "device")
+
+
+def comparable(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in IGNORED_IN_COMPARISON}
+
+
+def comparable_run(cfg: dict) -> dict:
+    """What a run's result depends on: its full config, a stored one completed with today's defaults
+    for fields added since (it ran with their default), without execution details."""
+    full = to_dict(merge(RunConfig(), cfg))
+    full["distill"].pop("cuda_graph", None)  # graph replay computes what eager execution does
+    return comparable(full)
+
+
+def check_continuable(out: Path, cfg: RunConfig, data_hash: str | None = None) -> None:
+    """Raise when the unfinished run in ``out`` was started with another config or on other data."""
+    path = out / "run.json"
+    if not path.is_file():
+        return  # a run started before run.json existed: nothing to compare
+    stored = json.loads(path.read_text())
+    have, want = comparable_run(stored["config"]), comparable_run(to_dict(cfg))
+    if want["distill"]["outer_lr_schedule"] == "constant":
+        for c in (have, want):  # a run at a constant learning rate may be continued to more outer steps
+            for k in ("outer_steps", "eval_every", "checkpoint_every"):
+                c.pop(k, None)
+    diff = config_difference(have, want)
+    if diff:
+        raise ObdError(f"{out}: its checkpoint is of another run ({diff}); use another --out")
+    if data_hash is not None:
+        check_same_data(out, stored, data_hash, "use another --out")
+
+
+def record_start(out: Path, cfg: RunConfig, data_hash: str) -> None:
+    """``run.json``: what the run in ``out`` is, for :func:`check_continuable`."""
+    (out / "run.json").write_text(json.dumps({"config": to_dict(cfg), "data_hash": data_hash}, indent=1))

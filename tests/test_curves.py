@@ -1,0 +1,64 @@
+"""Plateau detection on curves with a known shape, and the files obd.curves writes from run folders."""
+
+import json
+
+import numpy as np
+import pytest
+
+from obd.curves import build, distill_cpu_seconds, plateau
+
+
+def curve(shape, seed: int, steps=range(100, 3001, 100), noise: float = 0.3):
+    rng = np.random.default_rng(seed)
+    return [(s, shape(s) + noise * rng.normal(), 2.0 * s) for s in steps]
+
+
+def test_a_curve_that_rises_then_levels_off_is_flat_and_reaches_its_plateau_at_the_knee():
+    def shape(s):
+        return 40.0 * min(1.0, s / 1000)  # rises to 40 at step 1000, flat after
+
+    p = plateau({k: curve(shape, k) for k in range(3)}, 3000)
+    assert p["flat"] and p["plateau_score"] == pytest.approx(40, abs=0.5)
+    assert 900 <= p["steps_to_plateau"] <= 1100  # the knee, within one evaluation interval (the smoothing)
+    assert p["cpu_seconds_to_plateau"] == pytest.approx(2.0 * p["steps_to_plateau"])
+
+
+def test_a_curve_still_rising_is_not_flat():
+    p = plateau({k: curve(lambda s: s / 100, k) for k in range(3)}, 3000)  # +10 points over the last third
+    assert not p["flat"] and p["last_third_change"] == pytest.approx(5, abs=0.5)
+    assert p["change_ci_low"] > 0
+
+
+def test_distill_cpu_time_leaves_out_the_evaluations():
+    h = [
+        {"cpu_seconds": 10.0, "eval_cpu_seconds": 5.0},
+        {"cpu_seconds": 25.0, "eval_cpu_seconds": 5.0},
+        {"cpu_seconds": 40.0, "eval_cpu_seconds": 5.0},
+    ]
+    assert distill_cpu_seconds(h) == [10.0, 20.0, 30.0]
+    assert distill_cpu_seconds([{"step": 1}]) == [None]
+
+
+def test_build_writes_the_tables_and_one_figure_per_dataset(tmp_path):
+    for method, top in (("avpbc", 30.0), ("sdw", 35.0)):
+        for seed in range(2):
+            c = curve(lambda s, top=top: top * min(1.0, s / 600), seed, steps=range(100, 1201, 100))
+            m = {
+                "task": "hopper-medium",
+                "method": method,
+                "seed": seed,
+                "outer_steps": 1200,
+                "history": [
+                    {"step": st, "score": sc, "cpu_seconds": cpu, "eval_cpu_seconds": 0.0} for st, sc, cpu in c
+                ],
+            }
+            d = tmp_path / "runs" / "hopper-medium" / f"{method}-s{seed}"
+            d.mkdir(parents=True)
+            (d / "metrics.json").write_text(json.dumps(m))
+    rows = build(tmp_path)
+    assert [(r["task"], r["method"]) for r in rows] == [("hopper-medium", "avpbc"), ("hopper-medium", "sdw")]
+    assert rows[1]["plateau_score"] == pytest.approx(35, abs=1)
+    assert (tmp_path / "hopper-medium.png").is_file()
+    lines = (tmp_path / "curves.csv").read_text().splitlines()
+    assert lines[0].startswith("task,method,seed,step,score,distill_cpu_s") and len(lines) == 1 + 2 * 2 * 12
+    assert "steps_to_plateau" in (tmp_path / "plateau.csv").read_text()
