@@ -75,9 +75,12 @@ gpu-check: venv
 	$(PY) -m obd.gpu_check
 
 # optuna-dashboard on the study's storage (a standard Optuna RDB; the `optuna` CLI reads it too)
+DB = $(or $(OUT),runs/sweep-$(TASK))/study.db
 dashboard: venv
+	@if [ -z "$(STORAGE)" ] && [ ! -f "$(DB)" ]; then \
+		echo "error: no study at $(DB); run \`make sweep TASK=$(TASK)\` first (or give OUT=... or STORAGE=...)" >&2; exit 2; fi
 	$(PY) -m pip install -q 'optuna-dashboard>=0.16'
-	$(VENV)/bin/optuna-dashboard $(or $(STORAGE),sqlite:///$(or $(OUT),runs/sweep-$(TASK))/study.db) --host 127.0.0.1 --port $(or $(PORT),8080)
+	$(VENV)/bin/optuna-dashboard $(or $(STORAGE),sqlite:///$(DB)) --host 127.0.0.1 --port $(or $(PORT),8080)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class ObdError(Exception):
@@ -18,6 +19,17 @@ class ObdError(Exception):
 
 class ConfigError(ObdError, ValueError):
     """A configuration key, value or file that cannot be used."""
+
+
+def check_writable(folder: Path, flag: str = "--out") -> None:
+    """Fail before any work if ``folder`` cannot be created and written (``flag`` names where it came from)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ObdError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
 
 
 def cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ def parser() -> argparse.ArgumentParser:
         help="d4rl: the .hdf5 path; minari: the dataset id "
         "(e.g. obd/halfcheetah-medium-sdw-v0) in MINARI_DATASETS_PATH",
     )
+    p.add_argument("--force", action="store_true", help="overwrite an existing file or Minari dataset")
     return p
 
 
@@ -40,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     syn, metrics = load_run(Path(a.run))
     if a.format == "d4rl":
-        print(export_d4rl(syn, metrics, Path(a.out)))
+        print(export_d4rl(syn, metrics, Path(a.out), force=a.force))
     else:
-        print(f"minari:{export_minari(syn, metrics, a.out)}")
+        print(f"minari:{export_minari(syn, metrics, a.out, force=a.force)}")
     return 0
 
 

@@ -49,7 +49,7 @@ from obd.config import (
     sweeps_dir,
     to_dict,
 )
-from obd.errors import ConfigError, ObdError, cli
+from obd.errors import ConfigError, ObdError, check_writable, cli
 from obd.runs import check_same_data, comparable, comparable_run, config_difference
 from obd.seeding import derive_seed
 
@@ -97,6 +97,9 @@ def load_study(path: Path, task: str, **overrides: Any) -> dict:
     for key in ("methods", "trials", "seeds", "budget", "search"):
         if key not in spec:
             raise ConfigError(f"{path}: missing {key!r}")
+    for key in ("trials", "seeds"):  # checked before any work: a bad value would only fail after the search
+        if not isinstance(spec[key], int) or isinstance(spec[key], bool) or spec[key] < 1:
+            raise ConfigError(f"{key} must be an integer >= 1, got {spec[key]!r}")
     unknown = [m for m in spec["methods"] if m not in DISTILL_METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(DISTILL_METHODS)}")
@@ -255,13 +258,23 @@ def run_configs(todo: dict, jobs: int, desc: str = "runs", show_progress: bool =
     return results
 
 
-def _trial_worker(task: str, spec: dict, out: str, storage: str, method: str, jobs: int) -> None:
+def _trial_worker(task: str, spec: dict, out: str, storage: str, method: str, jobs: int, worker: str) -> None:
     """An extra trial process on the same storage (the study's trial target is shared)."""
     from obd.tracking import quiet_libraries
 
     quiet_libraries()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    Sweep(task, spec, Path(out), storage, show_progress=False, jobs=jobs).optimize(method, wait_for_stale=False)
+    Sweep(task, spec, Path(out), storage, show_progress=False, jobs=jobs, worker=worker).optimize(
+        method, wait_for_stale=False
+    )
+
+
+def repeated(study: optuna.Study, params: dict) -> optuna.trial.FrozenTrial | None:
+    """The finished trial that already ran exactly ``params``, if any."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.params == params and "duplicate_of" not in t.user_attrs:
+            return t
+    return None
 
 
 class Sweep:
@@ -275,8 +288,11 @@ class Sweep:
         jobs: int = 1,
         batched: bool = False,
         batch_trials: int = 8,
+        worker: str = "main",
     ):
         self.task, self.spec, self.out = task, spec, out
+        # who proposes trials: each process samples from its own seed (see study())
+        self.worker = worker
         self.show_progress = show_progress
         self.jobs = max(1, jobs)
         # batched: trials asked batch_trials at a time and each method's finals (all seeds) advance
@@ -309,13 +325,15 @@ class Sweep:
             storage=self.storage,
             direction="maximize",
             load_if_exists=True,
-            sampler=optuna.samplers.TPESampler(
-                seed=derive_seed(self.spec.get("sampler_seed", 0), "tpe", method) % 2**32
-            ),
             pruner=optuna.pruners.MedianPruner(
                 n_startup_trials=p.get("n_startup_trials", 2), n_warmup_steps=p.get("n_warmup_steps", 0)
             ),
         )
+        # A sampler's state is not stored: rebuilt here, its seed derived from the study, this process's
+        # worker name and the trials already stored, so parallel workers and a resumed process do not
+        # propose the same first points; the constant liar keeps running trials from being re-proposed.
+        seed = derive_seed(self.spec.get("sampler_seed", 0), "tpe", method, self.worker, len(st.trials))
+        st.sampler = optuna.samplers.TPESampler(seed=seed % 2**32, constant_liar=True)
         want = json.loads(json.dumps(self.definition(method)))
         have = st.user_attrs.get("definition")
         if have is None:
@@ -366,16 +384,17 @@ class Sweep:
             ctx = mp.get_context("spawn")
             helpers = [
                 ctx.Process(
-                    target=_trial_worker, args=(self.task, self.spec, str(self.out), self.url, method, self.jobs)
+                    target=_trial_worker,
+                    args=(self.task, self.spec, str(self.out), self.url, method, self.jobs, f"{self.worker}-{i}"),
                 )
-                for _ in range(self.jobs - 1)
+                for i in range(1, self.jobs)
             ]
             for h in helpers:
                 h.start()
         done_states = (TrialState.COMPLETE, TrialState.PRUNED)
 
-        def n_done() -> int:
-            return len(study.get_trials(deepcopy=False, states=done_states))
+        def n_done() -> int:  # distinct trials: a repeated proposal is not counted
+            return sum("duplicate_of" not in t.user_attrs for t in study.get_trials(deepcopy=False, states=done_states))
 
         bar = tqdm(
             total=target,
@@ -494,6 +513,11 @@ class Sweep:
         from obd.train import run
 
         params = suggest(trial, self.space(method))
+        same = repeated(trial.study, params)
+        if same is not None:  # told the earlier trial's value, not run again, not counted
+            trial.set_user_attr("duplicate_of", same.number)
+            log.info("%s trial %d repeats trial %d's parameters: not run", method, trial.number, same.number)
+            return float(same.value)  # type: ignore[arg-type]
         out = self.out / "trials" / method / f"trial-{trial.number:03d}"
         cfg = run_config(self.spec, self.task, method, params, seed=0, out=out, group=self.study_name(method))
         cfg.threads = self.threads
@@ -681,10 +705,12 @@ def main(argv: list[str] | None = None) -> int:
         resolve_device(a.device)  # a clean error before any work
         spec["fixed"] = deep_update(spec.get("fixed") or {}, {"device": a.device})
     out = Path(a.out or f"runs/sweep-{task}")
-    jobs = a.jobs or min(2, os.cpu_count() or 1)
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
-    sweep = Sweep(task, spec, out, a.storage, jobs=jobs, batched=a.batched, batch_trials=a.batch_trials)
+    jobs = min(2, os.cpu_count() or 1) if a.jobs is None else a.jobs
+    if jobs < 1 or a.batch_trials < 1:
+        raise ConfigError(f"--jobs and --batch-trials must be >= 1, got {jobs} and {a.batch_trials}")
+    check_writable(out)
+    worker = f"{socket.gethostname()}:{os.getpid()}" if a.worker else "main"  # extra machines: one name each
+    sweep = Sweep(task, spec, out, a.storage, jobs=jobs, batched=a.batched, batch_trials=a.batch_trials, worker=worker)
     sweep.prepare()
     for method in spec["methods"]:
         sweep.optimize(method)

@@ -80,9 +80,14 @@ def raw_states(syn: dict) -> np.ndarray:
     return syn["states"].astype(np.float64) * syn["std"].astype(np.float64) + syn["mean"].astype(np.float64)
 
 
-def export_d4rl(syn: dict, metrics: dict, out: Path) -> Path:
+def export_d4rl(syn: dict, metrics: dict, out: Path, force: bool = False) -> Path:
     from obd.data.d4rl import write_d4rl_hdf5
     from obd.data.tasks import get_task
+    from obd.errors import check_writable
+
+    if out.exists() and not force:
+        raise ObdError(f"{out} exists; choose another --out or pass --force to overwrite it")
+    check_writable(out.parent)
 
     task = get_task(metrics["task"])
     s, a = raw_states(syn), syn["actions"].astype(np.float32)
@@ -104,7 +109,7 @@ def export_d4rl(syn: dict, metrics: dict, out: Path) -> Path:
     return write_d4rl_hdf5(out, arrays, metadata=meta)
 
 
-def export_minari(syn: dict, metrics: dict, dataset_id: str) -> str:
+def export_minari(syn: dict, metrics: dict, dataset_id: str, force: bool = False) -> str:
     import minari
     from minari.data_collector import EpisodeBuffer
 
@@ -112,7 +117,9 @@ def export_minari(syn: dict, metrics: dict, dataset_id: str) -> str:
 
     task = get_task(metrics["task"])
     if dataset_id in minari.list_local_datasets():
-        raise ObdError(f"minari:{dataset_id} exists in the local Minari store; choose another id or delete it")
+        if not force:
+            raise ObdError(f"minari:{dataset_id} exists in the local Minari store; choose another id or pass --force")
+        minari.delete_dataset(dataset_id)
     s, a = raw_states(syn), syn["actions"].astype(np.float32)
     buffers = [
         EpisodeBuffer(
@@ -167,3 +174,41 @@ def read_export(source: str) -> tuple[np.ndarray, np.ndarray, dict]:
             return f["observations"][()].astype(np.float64), f["actions"][()].astype(np.float32), meta
     except OSError as e:
         raise ObdError(f"{path}: cannot read as hdf5 ({e})") from None
+
+
+def exported_metadata(source: str) -> dict | None:
+    """The obd metadata of ``source`` when it is a distilled set exported by obd (a D4RL-layout hdf5
+    path or ``minari:ID``), else None. Reads only the metadata, never the data."""
+    try:
+        if source.startswith("minari:"):
+            import minari
+
+            if source[len("minari:") :] not in minari.list_local_datasets():
+                return None
+            ds = minari.load_dataset(source[len("minari:") :])
+            meta = json.loads(ds.storage.metadata.get("description") or "{}")
+        else:
+            import h5py
+
+            path = Path(source)
+            if path.suffix not in (".hdf5", ".h5") or not path.is_file():
+                return None
+            with h5py.File(path, "r") as f:
+                if "metadata/obd" not in f:
+                    return None
+                raw = f["metadata/obd"][()]
+            meta = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except (OSError, ValueError, TypeError):
+        return None
+    return meta if isinstance(meta, dict) and str(meta.get("format", "")).startswith("obd-synthetic-set") else None
+
+
+def refuse_distilled_set(source: str) -> None:
+    """A distilled set is not a dataset to distil from: one line naming what it is."""
+    meta = exported_metadata(source)
+    if meta is not None:
+        prov = meta.get("provenance") or {}
+        raise ObdError(
+            f"{source} is a synthetic set distilled by obd ({prov.get('method')} on {prov.get('task')}, score "
+            f"{prov.get('score')}), not an offline dataset; re-evaluate it with `python -m obd.evaluate {source}`"
+        )

@@ -61,6 +61,9 @@ def prepare_dataset(
 ) -> tuple[Task, OfflineDataset]:
     """Stage 1: the dataset of ``cfg``. A generated dataset that is absent is generated first (with a
     progress bar) when ``generate``; otherwise reading it is an error naming the command to run."""
+    from obd.synthetic_set import refuse_distilled_set
+
+    refuse_distilled_set(cfg.source)
     task = resolve_task(cfg.source, cfg.task, force=force_task)
     src = parse_source(cfg.source)
     if src.kind == "generated" and generate:

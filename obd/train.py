@@ -24,20 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from obd.config import BASELINE_START, RunConfig, budget_names, build_config, read_yaml, to_dict
-from obd.errors import ConfigError, ObdError, cli
+from obd.errors import ConfigError, ObdError, check_writable, cli
 
 log = logging.getLogger("obd.train")
-
-
-def check_writable(out: Path) -> None:
-    """Fail before any work if ``out`` cannot be created and written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ObdError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
 def default_out(cfg: RunConfig) -> Path:

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from obd.config import RunConfig, merge
+from obd.errors import ObdError
 from obd.train import run
 
 TINY = {
@@ -38,13 +39,21 @@ def test_exported_sets_load_back_and_reevaluate_to_the_runs_score(tmp_path, caps
     assert export_main([str(tmp_path / "run"), "--format", "d4rl", "--out", str(tmp_path / "set.hdf5")]) == 0
     assert export_main([str(tmp_path / "run"), "--format", "minari", "--out", "obd/hopper-random-avpbc-v0"]) == 0
     capsys.readouterr()
+    for fmt, out in (("d4rl", str(tmp_path / "set.hdf5")), ("minari", "obd/hopper-random-avpbc-v0")):
+        with pytest.raises(ObdError, match="--force"):  # never overwritten silently
+            export_main([str(tmp_path / "run"), "--format", fmt, "--out", out])
+    assert export_main([str(tmp_path / "run"), "--format", "d4rl", "--out", str(tmp_path / "set.hdf5"), "--force"]) == 0
+    capsys.readouterr()
     for source, extra in (
         (str(tmp_path / "set.hdf5"), []),
         ("minari:obd/hopper-random-avpbc-v0", ["--task", "hopper-random"]),
     ):
         assert data_main(["info", source, *extra, "--json"]) == 0
         info = json.loads(capsys.readouterr().out)
-        assert info["transitions"] == 8 and info["task"] == "hopper-random"
+        assert info["pairs"] == 8 and info["task"] == "hopper-random" and info["method"] == "avpbc"
+        assert info["kind"] == "synthetic set distilled by obd" and info["score"] == m["score"]
+        with pytest.raises(ObdError, match="is a synthetic set distilled by obd"):  # not a dataset to distil
+            run(merge(RunConfig(), {**TINY, "data": {"source": source}, "out": str(tmp_path / "again")}))
         assert evaluate_main([source, "--json"]) == 0
         res = json.loads(capsys.readouterr().out)
         assert res["score"] == pytest.approx(final, abs=1e-6)

@@ -428,3 +428,60 @@ def test_unknown_study_keys_and_baselines_are_refused(tmp_path):
     assert load_study(write_study(tmp_path, baselines=["kmeans-teacher"]), "hopper-random")["baselines"] == [
         "kmeans-teacher"
     ]
+
+
+def test_bad_counts_and_unwritable_places_are_one_line_before_any_work(tmp_path, capsys):
+    from obd.behavior.generate import collect
+    from obd.data import get_task
+    from obd.errors import ObdError, cli
+    from obd.sweep import main
+
+    study = write_study(tmp_path)
+    for flag in ("--trials", "--seeds"):
+        assert (
+            cli(main, ["--task", "hopper-random", "--study", str(study), flag, "0", "--out", str(tmp_path / "s")]) == 2
+        )
+        assert f"{flag[2:]} must be an integer >= 1" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert cli(main, ["--task", "hopper-random", "--study", str(study), "--out", str(tmp_path / "file" / "s")]) == 2
+    assert "cannot write there" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    os.environ["OBD_DATA_DIR"], before = str(tmp_path / "file" / "data"), os.environ.get("OBD_DATA_DIR")
+    try:
+        with pytest.raises(ObdError, match="OBD_DATA_DIR: .* cannot write there"):
+            collect(get_task("hopper-random"), 100, 0, show_progress=False)
+    finally:
+        os.environ.pop("OBD_DATA_DIR") if before is None else os.environ.update(OBD_DATA_DIR=before)
+
+
+def test_workers_and_resumed_processes_propose_distinct_trials_and_a_repeat_is_not_run(tmp_path, monkeypatch):
+    import obd.train
+    from obd.sweep import Sweep
+
+    runs: list[dict] = []
+
+    def fake_run(cfg, show_progress=False, listeners=()):
+        runs.append({"outer_lr": cfg.distill.outer_lr, "inner_steps": cfg.distill.inner_steps})
+        score = -abs(cfg.distill.outer_lr - 0.2)
+        return {"history": [{"step": 4, "score": score}], "score": score}
+
+    monkeypatch.setattr(obd.train, "run", fake_run)
+    out = tmp_path / "s"
+
+    def sweep(trials: int, worker: str) -> Sweep:
+        spec = load_study(write_study(tmp_path, trials=trials), "hopper-random")
+        return Sweep("hopper-random", spec, out, None, show_progress=False, worker=worker)
+
+    sweep(2, "main").optimize("avpbc")  # the main process
+    sweep(4, "main").optimize("avpbc")  # the same process name again: a resumed process
+    sweep(6, "main-1").optimize("avpbc")  # another worker
+    study = sweep(6, "main").study("avpbc")
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(params) == 6 and len(set(params)) == 6, params
+    assert len(runs) == 6
+    # a proposal that repeats a finished trial is told that trial's value and not run
+    study.enqueue_trial(study.trials[0].params)
+    sweep(7, "main").optimize("avpbc")
+    dup = [t for t in sweep(7, "main").study("avpbc").trials if "duplicate_of" in t.user_attrs]
+    assert [t.user_attrs["duplicate_of"] for t in dup] == [0] and dup[0].value == study.trials[0].value
+    assert len(runs) == 7  # the repeat was not run; one distinct trial ran in its place

@@ -32,6 +32,7 @@ from obd.data.behaviour_policies import (
     policy_state,
 )
 from obd.data.d4rl import write_d4rl_hdf5
+from obd.errors import check_writable
 from obd.nets import TanhGaussianActor
 from obd.rollout import Policy, Transitions, collect_transitions
 from obd.seeding import derive_seed
@@ -95,6 +96,7 @@ def collect(task: Task, size: int | None = None, seed: int = 0, show_progress: b
     if path.is_file():
         check_generated(path, task)
         return path
+    check_writable(path.parent, "OBD_DATA_DIR:")  # before minutes of rollouts
     size = size or default_size(task)
     torch.set_num_threads(1)
     segs = _segments(task, size, seed)

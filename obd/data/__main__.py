@@ -26,9 +26,20 @@ def _info(args: argparse.Namespace) -> None:
     source = args.data_flag or args.data
     if not source:
         raise ObdError("info needs a source: a task name, a D4RL hdf5 path, d4rl:TASK or minari:ID")
+    from obd.synthetic_set import exported_metadata
+
+    distilled = exported_metadata(source)
     task = resolve_task(source, args.task, force=args.force_task)
     ds = load_source(source, task, size=args.size, seed=args.data_seed)
     s = ds.summary(task)
+    if distilled is not None:  # its single-step episodes have no return to report
+        prov = distilled.get("provenance") or {}
+        s = {
+            "kind": "synthetic set distilled by obd",
+            "task": s["task"],
+            "pairs": s["transitions"],
+            **{k: prov.get(k) for k in ("method", "seed", "budget", "outer_steps", "score", "data_hash")},
+        }
     if args.json:
         print(json.dumps(s))
         return
