@@ -221,7 +221,7 @@ def advance_batched(
     from obd.devices import resolve_device
     from obd.distill import init_policy, outer_optimizer
     from obd.errors import ConfigError
-    from obd.evaluate import evaluate_synthetic, summarize_history
+    from obd.evaluate import evaluate_synthetic, set_change, summarize_history
     from obd.seeding import derive_seed
     from obd.starts import initial_set
     from obd.synthetic_set import save_synthetic
@@ -282,6 +282,7 @@ def advance_batched(
             s, a = initial_set(targets, cfg.distill.start, cfg.distill.n_synthetic, cfg.distill.seed)
             self.S = s.to(device, dtype).requires_grad_(True)
             self.A = a.to(device, dtype).requires_grad_(True)
+            self.start = (s.float(), a.float())
             self.opt, self.schedule = outer_optimizer([self.S, self.A], cfg.distill, cfg.outer_steps)
             self.evaluation_steps = set(cfg.evaluation_steps())
             self.step, self.history, self.seconds_before = 0, [], 0.0
@@ -453,6 +454,7 @@ def advance_batched(
                 "ensemble": c.eval.ensemble,
             },
             "history": r.history,
+            "set_change": set_change(r.S.detach().float().cpu(), r.A.detach().float().cpu(), *r.start),
             "wall_seconds": round(r.seconds_before + time.time() - t0, 1),
             "engine": "batched",
             **targets.describe(c.distill.method, c.distill.beta, c.density),

@@ -132,6 +132,16 @@ def summarize_history(history: list[dict], k: int, scored_from: int = 0) -> dict
     }
 
 
+def set_change(states, actions, init_states, init_actions) -> dict:
+    """How far distillation moved a set from its start: L2 norm of the change of (S, A), and that
+    relative to the start's norm (0 when nothing moved)."""
+    import torch
+
+    d = torch.cat([(states - init_states).flatten(), (actions - init_actions).flatten()]).double().norm()
+    base = torch.cat([init_states.flatten(), init_actions.flatten()]).double().norm()
+    return {"l2": round(float(d), 6), "relative": round(float(d / base), 6) if base > 0 else None}
+
+
 def rescore(metrics: dict) -> dict:
     """A stored run's metrics with its score recomputed by :func:`summarize_history` from its history
     (runs written before the scored window existed averaged their last K evaluations, wherever they lay)."""

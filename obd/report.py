@@ -141,6 +141,35 @@ def plot_projection(out: Path, methods: list[str], path: Path, n: int = 20_000):
     return fig
 
 
+def set_warnings(out: Path, methods: list[str]) -> list[str]:
+    """Methods whose final sets did not move from their start, or equal another method's sets."""
+    import numpy as np
+
+    from obd.config import BASELINE_START
+
+    warnings = []
+    sets = {}
+    for m in methods:
+        if m in BASELINE_START:
+            continue
+        runs = _finals(out, m)
+        moved = [r["set_change"]["relative"] for r in runs if (r.get("set_change") or {}).get("relative") is not None]
+        if moved and max(moved) < 1e-3:
+            warnings.append(
+                f"{m}: every final set is its start (relative change at most {max(moved):.1e}); "
+                "distillation did not move it, so its score is its start's"
+            )
+        sets[m] = [
+            np.load(r["_dir"] / "synthetic.npz")["states"] for r in runs if (r["_dir"] / "synthetic.npz").is_file()
+        ]
+    done = [m for m in sets if sets[m]]
+    for i, a in enumerate(done):
+        for b in done[i + 1 :]:
+            if len(sets[a]) == len(sets[b]) and all(np.array_equal(x, y) for x, y in zip(sets[a], sets[b])):
+                warnings.append(f"{a} and {b}: identical final sets")
+    return warnings
+
+
 def write_report(out: str | Path) -> Path:
     import matplotlib
 
@@ -160,6 +189,12 @@ def write_report(out: str | Path) -> Path:
     lines = [
         f"# {s['task']}: {' vs '.join(methods)} (budget `{s['budget']}`)",
         "",
+        *(
+            ["**smoke: a plumbing check; the numbers mean nothing** (a few outer steps on tiny data).", ""]
+            if s["budget"] == "smoke"
+            else []
+        ),
+        *[f"**Warning:** {w}" + "\n" for w in set_warnings(out, methods)],
         f"Dataset: {s['transitions']:,} transitions, behaviour score {s['behaviour_score']:.1f}. "
         f"Teacher: {teacher.get('kind', '-')} scoring {t_score:.1f}"
         + (f" (CORL's TD3+BC on D4RL: {teacher['corl_td3bc_score']})" if teacher.get("corl_td3bc_score") else "")

@@ -9,7 +9,9 @@ otherwise the caller gets a one-line error naming the first difference.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from pathlib import Path
 
 from obd.config import RunConfig, merge, to_dict
@@ -74,3 +76,22 @@ def check_continuable(out: Path, cfg: RunConfig, data_hash: str | None = None) -
 def record_start(out: Path, cfg: RunConfig, data_hash: str) -> None:
     """``run.json``: what the run in ``out`` is, for :func:`check_continuable`."""
     (out / "run.json").write_text(json.dumps({"config": to_dict(cfg), "data_hash": data_hash}, indent=1))
+
+
+class Claim:
+    """An exclusive claim on a run folder for this process (``flock`` on ``DIR/.claim``): two processes
+    sharing an OUT never compute the same run; the claim ends when it is released or the process dies."""
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(run_dir / ".claim", os.O_RDWR | os.O_CREAT, 0o644)
+
+    def take(self, wait: bool = False) -> bool:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+
+    def release(self) -> None:
+        os.close(self.fd)  # closing the descriptor drops the lock

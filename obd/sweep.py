@@ -50,7 +50,7 @@ from obd.config import (
     to_dict,
 )
 from obd.errors import ConfigError, ObdError, check_writable, cli
-from obd.runs import check_same_data, comparable, comparable_run, config_difference
+from obd.runs import Claim, check_same_data, comparable, comparable_run, config_difference
 from obd.seeding import derive_seed
 
 log = logging.getLogger("obd.sweep")
@@ -558,13 +558,28 @@ class Sweep:
                 results[seed] = m
             else:
                 todo[seed] = to_dict(cfg)
-        if self.batched and method in DISTILL_METHODS and todo:
-            from obd.batched import run_batched
+        # one process per final: a seed another process (a second sweep into this OUT) is running is
+        # skipped now and read back once that process lets it go
+        claims = {seed: Claim(self.out / "final" / method / f"seed-{seed}") for seed in todo}
+        elsewhere = [seed for seed, c in claims.items() if not c.take()]
+        mine = {seed: c for seed, c in todo.items() if seed not in elsewhere}
+        try:
+            if self.batched and method in DISTILL_METHODS and mine:
+                from obd.batched import run_batched
 
-            done = run_batched([merge(RunConfig(), c) for c in todo.values()], show_progress=self.show_progress)
-            results.update(zip(todo, done))
-        else:
-            results.update(run_configs(todo, self.jobs, f"{method} finals", self.show_progress))
+                done = run_batched([merge(RunConfig(), c) for c in mine.values()], show_progress=self.show_progress)
+                results.update(zip(mine, done))
+            else:
+                results.update(run_configs(mine, self.jobs, f"{method} finals", self.show_progress))
+            for seed in elsewhere:
+                log.info("%s final seed %d: running in another process; waiting for it", method, seed)
+                claims[seed].take(wait=True)
+                path = self.out / "final" / method / f"seed-{seed}" / "metrics.json"
+                # finished there, or that process died first: then it is run here
+                results[seed] = json.loads(path.read_text()) if path.is_file() else _run_config_dict(todo[seed])
+        finally:
+            for c in claims.values():
+                c.release()
         for seed in sorted(results):
             log.info("%s final seed %d: %.1f", method, seed, results[seed]["score"])
         return {seed: results[seed] for seed in sorted(results)}

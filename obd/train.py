@@ -159,7 +159,7 @@ def run(
 
     from obd.datamodule import OBDDataModule
     from obd.distill import BehaviorDistillation
-    from obd.evaluate import evaluate_synthetic, summarize_history
+    from obd.evaluate import evaluate_synthetic, set_change, summarize_history
     from obd.runs import check_continuable, record_start
     from obd.seeding import derive_seed
     from obd.starts import initial_set
@@ -290,6 +290,7 @@ def run(
             "ensemble": cfg.eval.ensemble,
         },
         "history": history,
+        "set_change": set_change(states, actions, init_s, init_a),
         "wall_seconds": wall,
         **described,
         "versions": versions(),

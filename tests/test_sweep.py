@@ -120,6 +120,8 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     assert ls.returncode == 0 and "hopper-random-sdw-smoke" in ls.stdout
     report = (out / "report.md").read_text()
     assert "| sdw |" in report and "| avpbc |" in report and "| random |" in report and "sdw - avpbc" in report
+    assert "smoke: a plumbing check; the numbers mean nothing" in report
+    assert "did not move" not in report  # the smoke budget's Adam moves the sets
     for png in ("returns.png", "curves.png", "projection.png"):
         assert (out / png).stat().st_size > 1000
     # W&B: one offline run per trial and per final run, plus the study run
@@ -485,3 +487,51 @@ def test_workers_and_resumed_processes_propose_distinct_trials_and_a_repeat_is_n
     dup = [t for t in sweep(7, "main").study("avpbc").trials if "duplicate_of" in t.user_attrs]
     assert [t.user_attrs["duplicate_of"] for t in dup] == [0] and dup[0].value == study.trials[0].value
     assert len(runs) == 7  # the repeat was not run; one distinct trial ran in its place
+
+
+def test_report_flags_sets_that_did_not_move_or_equal_another_methods(tmp_path):
+    import numpy as np
+
+    from obd.report import set_warnings
+
+    for method, change in (("sdw", 0.0), ("avpbc", 0.0), ("dbc", 0.2)):
+        for seed in (1, 2):
+            d = tmp_path / "final" / method / f"seed-{seed}"
+            d.mkdir(parents=True)
+            (d / "metrics.json").write_text(json.dumps({"set_change": {"l2": change, "relative": change}}))
+            states = np.full((4, 3), float(seed)) + (change if method == "dbc" else 0.0)
+            np.savez(d / "synthetic.npz", states=states)
+    w = set_warnings(tmp_path, ["sdw", "avpbc", "dbc", "random"])
+    assert any(x.startswith("sdw: every final set is its start") for x in w)
+    assert any(x.startswith("avpbc: every final set is its start") for x in w)
+    assert "sdw and avpbc: identical final sets" in w and not any(x.startswith("dbc") for x in w)
+
+
+def test_a_final_claimed_by_another_process_is_read_back_not_run_again(tmp_path, monkeypatch):
+    import threading
+
+    import obd.train
+    from obd.runs import Claim
+    from obd.sweep import Sweep
+
+    ran: list[int] = []
+
+    def fake_run(cfg, show_progress=False, listeners=()):
+        ran.append(cfg.distill.seed)
+        return {"score": float(cfg.distill.seed), "history": [], "config": {}}
+
+    monkeypatch.setattr(obd.train, "run", fake_run)
+    spec = load_study(write_study(tmp_path, seeds=2), "hopper-random")
+    sweep = Sweep("hopper-random", spec, tmp_path / "s", None, show_progress=False)
+    other = Claim(tmp_path / "s" / "final" / "random" / "seed-1")
+    assert other.take()  # another process is computing seed 1
+
+    def finish_elsewhere() -> None:
+        (tmp_path / "s" / "final" / "random" / "seed-1" / "metrics.json").write_text(json.dumps({"score": 41.0}))
+        other.release()
+
+    timer = threading.Timer(1.0, finish_elsewhere)
+    timer.start()
+    results = sweep.finals("random")
+    timer.join()
+    assert ran == [2] and results[1]["score"] == 41.0 and results[2]["score"] == 2.0
