@@ -211,6 +211,7 @@ def advance_batched(
     is reported pruned by :mod:`obd.sweep`). ``engine``: see :func:`outer_grad_runs`.
     """
     import json
+    import sys
     import time
     from pathlib import Path
 
@@ -226,7 +227,7 @@ def advance_batched(
     from obd.starts import initial_set
     from obd.synthetic_set import save_synthetic
     from obd.targets import prepare_targets
-    from obd.tracking import versions, wandb_init
+    from obd.tracking import STEP, publish_run, start_run, versions
 
     if not cfgs:
         return []
@@ -304,19 +305,7 @@ def advance_batched(
         def start_wandb(self, resume: bool):
             """This run's own W&B run (several live in one process); a resumed run continues its own."""
             id_file = self.out / "wandb-run-id"
-            run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
-            c = self.cfg
-            run = wandb_init(
-                project=c.wandb_project,
-                group=c.wandb_group,
-                name=f"{task.name}-{c.distill.method}-s{c.distill.seed}",
-                dir=str(self.out),
-                config={"config": to_dict(c), "versions": versions(), "engine": "batched"},
-                tags=[task.name, c.distill.method, "batched"],
-                id=run_id,
-                resume="allow" if run_id else None,
-                reinit="create_new",
-            )
+            run = start_run(self.cfg, task.name, id_file.read_text().strip() if resume and id_file.is_file() else None)
             id_file.write_text(run.id)
             return run
 
@@ -355,8 +344,8 @@ def advance_batched(
                     {
                         "normalized_return": res["score"],
                         "normalized_return_std_over_policies": res["std_over_policies"],
-                    },
-                    step=self.step,
+                        STEP: self.step,
+                    }
                 )
             for listen in self.listeners:
                 try:
@@ -422,11 +411,13 @@ def advance_batched(
             active = [r for r in active if r.step < r.cfg.outer_steps and not r.stopped]
     finally:
         bar.close()
-        for r in runs:
-            r.finish_wandb()
+        if sys.exc_info()[0] is not None:  # interrupted: each run's W&B run ends here, to be resumed later
+            for r in runs:
+                r.finish_wandb()
     out: list[dict | Exception] = []
     for r in runs:
         if r.stopped:
+            r.finish_wandb()
             out.append(r.stopped)
             continue
         r.evaluate()
@@ -462,5 +453,8 @@ def advance_batched(
             "config": to_dict(c),
         }
         (r.out / "metrics.json").write_text(json.dumps(m, indent=1, default=str))
+        if r.wandb is not None:
+            publish_run(r.wandb, m, r.out / "synthetic.npz")
+        r.finish_wandb()
         out.append(m)
     return out

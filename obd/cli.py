@@ -6,6 +6,7 @@ obd evaluate ...   re-evaluate a synthetic set     (obd.evaluate)
 obd report ...     rewrite a sweep's report        (obd.report)
 obd table ...      many datasets x methods x seeds (obd.table)
 obd curves ...     where each dataset's plateau is (obd.curves)
+obd docs           regenerate README/docs tables   (obd.docs)
 obd export ...     a distilled set as hdf5/Minari  (obd.export)
 obd misalignment   BC loss vs return per dataset   (obd.misalignment)
 obd data ...       generate / summarise datasets   (obd.data)
@@ -29,6 +30,7 @@ COMMANDS = {
     "report": "obd.report",
     "table": "obd.table",
     "curves": "obd.curves",
+    "docs": "obd.docs",
     "targets": "obd.targets",
     "misalignment": "obd.misalignment",
     "data": "obd.data.__main__",

@@ -175,7 +175,9 @@ class RunConfig:
     out: str | None = None  # default runs/{task}-{method}-s{seed}
     wandb: bool = True  # a W&B run (offline unless logged in)
     wandb_project: str = "obd"
-    wandb_group: str | None = None
+    wandb_group: str | None = None  # studies: TASK-BUDGET-OUT; tables: table-BUDGET-OUT
+    wandb_job_type: str | None = None  # trial | final | baseline (set by studies and tables)
+    wandb_name: str | None = None  # default TASK-METHOD-sSEED
     budget: str | None = None  # set by build_config to the budget it applied
 
     def scored_from(self) -> int:

@@ -32,43 +32,91 @@ def _finals(out: Path, method: str) -> list[dict]:
     return [{**json.loads(p.read_text()), "_dir": p.parent} for p in runs]
 
 
-def plot_returns(summary: dict, path: Path) -> None:
+# method names as the papers write them
+LABELS = {
+    "sdw": "SDW",
+    "avpbc": "Av-PBC",
+    "pbc": "PBC",
+    "dbc": "DBC",
+    "random": "random real pairs",
+    "random-teacher": "random states, pi* labels",
+    "kmeans-teacher": "k-means states, pi* labels",
+}
+MARKERS = {"sdw": "s", "avpbc": "o", "pbc": "^", "dbc": "v"}
+
+
+def label(method: str) -> str:
+    return LABELS.get(method, method)
+
+
+def plot_returns(summary: dict, path: Path):
+    """One bar per method: mean over seeds, error bar = standard deviation over seeds, dots = seeds."""
     import matplotlib.pyplot as plt
 
     methods = list(summary["methods"])
-    fig, ax = plt.subplots(figsize=(2 + 1.3 * len(methods), 3.5))
+    fig, ax = plt.subplots(figsize=(2 + 1.5 * len(methods), 3.8))
     for i, m in enumerate(methods):
         row = summary["methods"][m]
         ax.bar(i, row["mean"], yerr=row["std"], capsize=6, color=COLORS.get(m, "gray"), alpha=0.7)
         vals = list(row["per_seed"].values())
         ax.scatter([i] * len(vals), vals, color="k", s=12, zorder=3)
-    ax.set_xticks(range(len(methods)), methods)
-    ax.set_ylabel("normalized return (last-K mean)")
-    ax.set_title(f"{summary['task']}: {len(next(iter(summary['methods'].values()))['per_seed'])} seeds per method")
+    ax.set_xticks(range(len(methods)), [f"{label(m)}\n(n={summary['methods'][m]['n']})" for m in methods], fontsize=8)
+    ax.set_ylabel("normalized return (the run's score)")
+    ax.set_title(
+        f"{summary['task']}, budget {summary['budget']}: bars mean, error bars std over seeds, dots seeds", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
-def plot_curves(out: Path, methods: list[str], path: Path, task: str):
-    """Learning curves: one line per method (mean over seeds) with a +/- std band; returns the figure."""
+def plot_curves(out: Path, methods: list[str], path: Path, task: str, budget: str = ""):
+    """Learning curves of the distillation methods (mean over seeds, band = std over seeds, markers so
+    overlapping lines stay visible); a set that needs no outer loop is a horizontal reference line."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    from obd.config import BASELINE_START
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    drawn = 0
     for m in methods:
-        hists = [r["history"] for r in _finals(out, m) if r.get("history")]
-        if not hists:
+        runs = [r for r in _finals(out, m) if r.get("history")]
+        if not runs:
             continue
+        if m in BASELINE_START:
+            v = np.array([r["score"] for r in runs])
+            ax.axhline(
+                v.mean(),
+                color=COLORS.get(m, "gray"),
+                linestyle="--",
+                linewidth=1.2,
+                label=f"{label(m)}: {v.mean():.1f} (no outer loop, n={len(v)})",
+            )
+            continue
+        hists = [r["history"] for r in runs]
         steps = [h["step"] for h in hists[0]]
         vals = np.array([[h["score"] for h in r][: len(steps)] for r in hists if len(r) >= len(steps)])
         mu, sd = vals.mean(0), vals.std(0)
-        ax.plot(steps, mu, marker="o", label=f"{m} (n={len(vals)})", color=COLORS.get(m))
-        ax.fill_between(steps, mu - sd, mu + sd, color=COLORS.get(m), alpha=0.2)
+        # each method's markers are shifted a little along x so identical curves stay distinguishable
+        dx = (drawn - 0.5) * 0.01 * (steps[-1] - steps[0] if len(steps) > 1 else 1)
+        ax.errorbar(
+            np.array(steps) + dx,
+            mu,
+            yerr=sd,
+            marker=MARKERS.get(m, "o"),
+            markersize=5,
+            capsize=3,
+            color=COLORS.get(m),
+            label=f"{label(m)} (n={len(vals)} seeds)",
+            alpha=0.9,
+        )
+        drawn += 1
     ax.set_xlabel("outer step")
     ax.set_ylabel("normalized return")
-    ax.set_title(f"{task}: evaluations during distillation\n(mean +/- std over seeds)", fontsize=10)
-    ax.legend()
+    ax.set_title(f"{task}, budget {budget}: mean over seeds, error bars = std over seeds", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -181,7 +229,7 @@ def write_report(out: str | Path) -> Path:
     s = json.loads(path.read_text())
     methods = list(s["methods"])
     plot_returns(s, out / "returns.png")
-    plot_curves(out, methods, out / "curves.png", s["task"])
+    plot_curves(out, methods, out / "curves.png", s["task"], s["budget"])
     has_proj = plot_projection(out, methods, out / "projection.png") is not None
     pr = s["protocol"]
     teacher = s.get("teacher") or {}

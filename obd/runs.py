@@ -40,7 +40,16 @@ def config_difference(a: dict, b: dict, where: str = "") -> str | None:
     return None
 
 
-IGNORED_IN_COMPARISON = ("out", "wandb", "wandb_group", "wandb_project", "threads", "device")
+IGNORED_IN_COMPARISON = (
+    "out",
+    "wandb",
+    "wandb_group",
+    "wandb_project",
+    "wandb_job_type",
+    "wandb_name",
+    "threads",
+    "device",
+)
 
 
 def comparable(cfg: dict) -> dict:

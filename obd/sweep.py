@@ -159,8 +159,11 @@ def suggest(trial: optuna.Trial, space: dict) -> dict:
     return out
 
 
-def run_config(spec: dict, task: str, method: str, params: dict, seed: int, out: Path, group: str) -> RunConfig:
-    """The one builder (:func:`obd.config.build_config`) with the study's layers."""
+def run_config(
+    spec: dict, task: str, method: str, params: dict, seed: int, out: Path, group: str, job_type: str, name: str
+) -> RunConfig:
+    """The one builder (:func:`obd.config.build_config`) with the study's layers; ``group``, ``job_type``
+    and ``name`` place the run in W&B."""
     return build_config(
         spec["budget"],
         [
@@ -171,6 +174,8 @@ def run_config(spec: dict, task: str, method: str, params: dict, seed: int, out:
                 "distill": {"method": method, "seed": seed},
                 "out": str(out),
                 "wandb_group": group,
+                "wandb_job_type": job_type,
+                "wandb_name": name,
             },
         ],
     )
@@ -355,7 +360,7 @@ class Sweep:
 
         method = next(m for m in ("sdw", "avpbc", "pbc", "dbc") if m in self.spec["methods"])
         self.data_hash = prepare_targets(
-            run_config(self.spec, self.task, method, {}, seed=0, out=self.out, group=""),
+            self.trial_config(method, {}, 0, self.out),
             method,
             show_progress=self.show_progress,
         ).data_hash
@@ -462,7 +467,7 @@ class Sweep:
             for trial in trials:
                 params = suggest(trial, self.space(method))  # a resumed trial gets its stored values back
                 out = self.out / "trials" / method / f"trial-{trial.number:03d}"
-                cfg = run_config(self.spec, self.task, method, params, seed=0, out=out, group=self.study_name(method))
+                cfg = self.trial_config(method, params, trial.number, out)
                 cfg.threads = self.threads
                 trial.set_user_attr("out", str(out))
                 trial.set_user_attr("engine", "batched")
@@ -519,7 +524,7 @@ class Sweep:
             log.info("%s trial %d repeats trial %d's parameters: not run", method, trial.number, same.number)
             return float(same.value)  # type: ignore[arg-type]
         out = self.out / "trials" / method / f"trial-{trial.number:03d}"
-        cfg = run_config(self.spec, self.task, method, params, seed=0, out=out, group=self.study_name(method))
+        cfg = self.trial_config(method, params, trial.number, out)
         cfg.threads = self.threads
         trial.set_user_attr("out", str(out))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -528,9 +533,19 @@ class Sweep:
         return float(m["score"])
 
     # -------------------------------------------------------------- finals and comparison
+    def wandb_group(self) -> str:
+        """One W&B group per study: its task, budget and OUT."""
+        return f"{self.task}-{self.spec['budget']}-{self.out.resolve().name}"
+
+    def trial_config(self, method: str, params: dict, number: int, out: Path) -> RunConfig:
+        name = f"{self.task}-{method}-trial-{number:03d}"
+        return run_config(self.spec, self.task, method, params, 0, out, self.wandb_group(), "trial", name)
+
     def final_config(self, method: str, seed: int, out: Path) -> RunConfig:
         params = self.study(method).best_trial.params if method in DISTILL_METHODS else {}
-        cfg = run_config(self.spec, self.task, method, params, seed, out, f"{self.task}-finals")
+        job = "final" if method in DISTILL_METHODS else "baseline"
+        name = f"{self.task}-{method}-final-s{seed}"
+        cfg = run_config(self.spec, self.task, method, params, seed, out, self.wandb_group(), job, name)
         if self.spec.get("vary_data_per_seed"):  # each final seed: its own generated dataset and teacher
             merge(cfg, {"data": {"data_seed": seed}, "teacher": {"td3bc": {"seed": seed}}})
         return cfg
@@ -633,17 +648,20 @@ def _trial_counts(study: optuna.Study) -> dict:
 
 
 def log_study_to_wandb(sweep: Sweep, summary: dict) -> None:
+    """The study's own W&B run (job type ``study``, in the study's group): the comparison table, the paired
+    differences in its summary and the report's figures."""
     import wandb
 
     from obd.tracking import wandb_init
 
     r = wandb_init(
-        project="obd",
-        group=f"{sweep.task}-study",
-        name=f"{sweep.task}-comparison",
+        project=(sweep.spec.get("fixed") or {}).get("wandb_project", "obd"),
+        group=sweep.wandb_group(),
+        name=f"{sweep.wandb_group()}-study",
         job_type="study",
         dir=str(sweep.out),
         config={"study": sweep.spec, "task": sweep.task},
+        reinit="create_new",
     )
     table = wandb.Table(columns=["method", "mean", "std", "n", "best_params"])
     for m, row in summary["methods"].items():
@@ -658,6 +676,9 @@ def log_study_to_wandb(sweep: Sweep, summary: dict) -> None:
                     f"{name}/ci_high": c["paired_t_ci"][1],
                 }
             )
+    figures = {p.stem: wandb.Image(str(p)) for p in sorted(sweep.out.glob("*.png"))}
+    if figures:
+        r.log(figures)
     r.finish()
 
 
@@ -733,11 +754,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finals = {m: sweep.finals(m) for m in (*spec["methods"], *spec.get("baselines", BASELINES))}
     summary = sweep.summarize(finals)
-    if (spec.get("fixed") or {}).get("wandb", True):
-        log_study_to_wandb(sweep, summary)
     from obd.report import write_report
 
     report = write_report(out)
+    if (spec.get("fixed") or {}).get("wandb", True):
+        log_study_to_wandb(sweep, summary)  # after the report: its figures go to the study's run
     for m, row in summary["methods"].items():
         print(f"{m:>6}: {row['mean']:.1f} +/- {row['std']:.1f} (n={row['n']})")
     for name, c in summary["comparisons"].items():

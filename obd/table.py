@@ -71,7 +71,7 @@ def run_all(
 ) -> dict[tuple[str, str, int], dict]:
     """Every (task, method, seed) run; finished ones are read back, the rest run ``jobs`` at a time."""
 
-    from obd.config import build_config, to_dict
+    from obd.config import BASELINE_START, build_config, to_dict
     from obd.evaluate import rescore
     from obd.runs import check_same_data, comparable_run, config_difference
     from obd.sweep import run_configs
@@ -95,7 +95,8 @@ def run_all(
                             "data": {"source": task},
                             "distill": {"method": method, "seed": seed},
                             "out": str(run_dir),
-                            "wandb": False,
+                            "wandb_group": f"table-{budget}-{out.resolve().name}",
+                            "wandb_job_type": "baseline" if method in BASELINE_START else "final",
                             "threads": threads,
                         },
                     ],

@@ -55,45 +55,65 @@ def _quiet_wandb() -> None:
         os.environ.setdefault("WANDB_CONSOLE", "off")
 
 
-def wandb_logger(
-    project: str,
-    group: str | None,
-    name: str,
-    save_dir: Path,
-    config: dict,
-    tags: list[str],
-    run_id: str | None = None,
-):
-    """A Lightning WandbLogger around a run we start (so W&B gets only the settings we mean);
-    ``run_id`` resumes that run (``--resume`` continues the same W&B run)."""
-    from lightning.pytorch.loggers import WandbLogger
+STEP = "trainer/global_step"  # what Lightning's WandbLogger logs the outer step as
 
+
+def start_run(cfg, task_name: str, run_id: str | None = None):
+    """The W&B run of one obd run: its group, job type (trial / final / baseline, as the study or table
+    that made it says), a unique name, the full config; the outer step is every chart's x axis.
+    ``run_id`` continues that run (a resumed run keeps its W&B run)."""
+    from obd.config import BASELINE_START, to_dict
+
+    method, seed = cfg.distill.method, cfg.distill.seed
     run = wandb_init(
-        project=project,
-        group=group,
-        name=name,
-        dir=str(save_dir),
-        config=config,
-        tags=tags,
+        project=cfg.wandb_project,
+        group=cfg.wandb_group,
+        job_type=cfg.wandb_job_type or ("baseline" if method in BASELINE_START else "run"),
+        name=cfg.wandb_name or f"{task_name}-{method}-s{seed}",
+        dir=cfg.out,
+        config={"config": to_dict(cfg), "versions": versions()},
+        tags=[task_name, method, cfg.budget or "custom"],
         id=run_id,
         resume="allow" if run_id else None,
+        reinit="create_new",
     )
-    return WandbLogger(experiment=run, save_dir=str(save_dir))
+    run.define_metric(STEP)
+    run.define_metric("*", step_metric=STEP)
+    return run
+
+
+def publish_run(run, metrics: dict, synthetic: Path) -> None:
+    """The run's score (what metrics.json and the reports use) in its summary, its set as an artifact."""
+    import wandb
+
+    run.summary.update(
+        {
+            "score": metrics["score"],
+            "final_score": metrics["final_score"],
+            "last_k_used": metrics["last_k_used"],
+            "scored_steps": metrics.get("scored_steps"),
+            "data_hash": metrics.get("data_hash"),
+        }
+    )
+    art = wandb.Artifact(
+        f"synthetic-{metrics['task']}-{metrics['method']}-s{metrics['seed']}",
+        type="synthetic-set",
+        metadata={k: metrics.get(k) for k in ("task", "method", "seed", "budget", "score", "data_hash")},
+    )
+    art.add_file(str(synthetic))
+    run.log_artifact(art)
 
 
 def wandb_init(**kwargs):
+    """``wandb.init`` in obd's mode, quiet; ``WANDB_DIR``, when set, wins over the run folder."""
     import wandb
 
     _quiet_wandb()
+    if os.environ.get("WANDB_DIR"):  # passed on: W&B reads its environment once per process
+        kwargs["dir"] = os.environ["WANDB_DIR"]
+    if kwargs.get("dir"):
+        Path(kwargs["dir"]).mkdir(parents=True, exist_ok=True)  # W&B itself falls back to a temp dir
     return wandb.init(mode=wandb_mode(), **kwargs)  # type: ignore[arg-type]
-
-
-def finish(loggers: list) -> None:
-    from lightning.pytorch.loggers import WandbLogger
-
-    for lg in loggers:
-        if isinstance(lg, WandbLogger):  # obd logs hyperparameters first, so the run has started
-            lg.experiment.finish()
 
 
 @functools.lru_cache(maxsize=1)

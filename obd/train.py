@@ -154,18 +154,13 @@ def run(
     import lightning.pytorch as pl
     import torch
     import yaml
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
 
     from obd.datamodule import OBDDataModule
-    from obd.distill import BehaviorDistillation
-    from obd.evaluate import evaluate_synthetic, set_change, summarize_history
     from obd.runs import check_continuable, record_start
     from obd.seeding import derive_seed
     from obd.starts import initial_set
-    from obd.synthetic_set import save_synthetic
     from obd.targets import prepare_targets
-    from obd.tracking import finish, versions, wandb_logger
+    from obd.tracking import publish_run, start_run
 
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
@@ -183,7 +178,7 @@ def run(
         raise ObdError(f"--resume: no checkpoint in {out} ({ckpt} is absent); run without --resume to start it")
     if continuing:
         check_continuable(out, cfg)  # before the teacher and density stages, which may take minutes
-    from obd.devices import lightning_accelerator, resolve_device
+    from obd.devices import resolve_device
 
     device = resolve_device(cfg.device)  # before any work: --device cuda without a GPU is a one-line error
     pl.seed_everything(derive_seed(seed, "lightning") % 2**32, workers=True, verbose=False)
@@ -205,14 +200,49 @@ def run(
     )
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     init_s, init_a = initial_set(targets, BASELINE_START.get(method, cfg.distill.start), cfg.distill.n_synthetic, seed)
-    mean, std = targets.mean.numpy(), targets.std.numpy()
     described = targets.describe(method, cfg.distill.beta, cfg.density)
+    wb = None
+    if loggers is None and cfg.wandb:
+        id_file = out / "wandb-run-id"
+        wb = start_run(cfg, task.name, id_file.read_text().strip() if continuing and id_file.is_file() else None)
+        id_file.write_text(wb.id)
+    try:
+        metrics = _distil_and_evaluate(
+            cfg, out, targets, dm, init_s, init_a, described, listeners, loggers, wb, continuing, show_progress, t0
+        )
+        if wb is not None:
+            publish_run(wb, metrics, out / "synthetic.npz")
+    finally:
+        if wb is not None:
+            wb.finish()
+    return metrics
+
+
+def _distil_and_evaluate(
+    cfg: RunConfig, out, targets, dm, init_s, init_a, described, listeners, loggers, wb, continuing, show_progress, t0
+) -> dict:
+    """The distillation (or, for a baseline, the one evaluation) of :func:`run`, and its outputs."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from obd.devices import lightning_accelerator, resolve_device
+    from obd.distill import BehaviorDistillation
+    from obd.evaluate import evaluate_synthetic, set_change, summarize_history
+    from obd.seeding import derive_seed
+    from obd.synthetic_set import save_synthetic
+    from obd.tracking import STEP, versions
+
+    task, method, seed = targets.task, cfg.distill.method, cfg.distill.seed
+    mean, std = targets.mean.numpy(), targets.std.numpy()
     k = cfg.eval.k_for(method)
     if method in BASELINE_START:
         states, actions = init_s, init_a
         res = evaluate_synthetic(states, actions, task, mean, std, cfg.eval, seed=derive_seed(seed, "evaluation", 0))
         history = [{"step": 0, **res}]
         wall = round(time.time() - t0, 1)
+        if wb is not None:
+            wb.log({"normalized_return": res["score"], STEP: 0})
     else:
         module = BehaviorDistillation(cfg.distill, init_s, init_a, grad_fn=cfg.grad_fn, outer_steps=cfg.outer_steps)
         interrupt = _Interrupt()
@@ -222,6 +252,7 @@ def run(
         ckpt_cb = ModelCheckpoint(
             dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every
         )
+        ckpt = out / "checkpoints" / "last.ckpt"
         ckpt_path = str(ckpt) if continuing else None
         if ckpt_path:
             log.info("resuming from %s", ckpt_path)
@@ -231,20 +262,8 @@ def run(
         earlier = _read_csv(csv_path) if ckpt_path and own_loggers else []
         if loggers is None:
             loggers = [CSVLogger(str(out), name="logs", version="csv")]
-            if cfg.wandb:
-                id_file = out / "wandb-run-id"
-                run_id = id_file.read_text().strip() if ckpt_path and id_file.is_file() else None
-                wb = wandb_logger(
-                    cfg.wandb_project,
-                    cfg.wandb_group,
-                    f"{task.name}-{method}-s{seed}",
-                    out,
-                    to_dict(cfg),
-                    [task.name, method],
-                    run_id=run_id,
-                )
-                id_file.write_text(wb.experiment.id)
-                loggers.append(wb)
+            if wb is not None:
+                loggers.append(WandbLogger(experiment=wb, save_dir=str(out)))
         for lg in loggers:
             lg.log_hyperparams({"config": to_dict(cfg), "versions": versions(), **described})
         trainer = pl.Trainer(
@@ -255,18 +274,14 @@ def run(
             enable_progress_bar=show_progress,
             enable_model_summary=False,
             log_every_n_steps=1,
-            accelerator=lightning_accelerator(device),
+            accelerator=lightning_accelerator(resolve_device(cfg.device)),
             devices=1,
             num_sanity_val_steps=0,
             deterministic=False,
         )
-        try:
-            with interrupt:
-                trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-            evaluator.final(trainer, module)
-        finally:
-            if own_loggers:
-                finish(loggers)
+        with interrupt:
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        evaluator.final(trainer, module)
         if earlier:
             _prepend_csv(csv_path, earlier)
         trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # the final state (with the final evaluation)

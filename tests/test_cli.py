@@ -76,11 +76,10 @@ def test_report_reads_the_runs_artifacts_and_never_recomputes(tmp_path, monkeypa
     assert [ax.get_title() for ax in fig.axes[:2]] == ["sdw", "avpbc"] and "synthetic sets" in fig.get_suptitle()
 
 
-def test_learning_curves_have_title_axes_and_a_band_per_method(tmp_path):
-    """Issue 13: curves.png was a single point with invisible lines and no title."""
+def test_learning_curves_have_title_axes_and_an_error_bar_per_method(tmp_path):
     import json
 
-    from matplotlib.collections import PolyCollection
+    from matplotlib.container import ErrorbarContainer
 
     from obd.report import plot_curves
 
@@ -90,12 +89,13 @@ def test_learning_curves_have_title_axes_and_a_band_per_method(tmp_path):
             run.mkdir(parents=True)
             hist = [{"step": st, "score": float(st / 10 + seed)} for st in (50, 100, 150)]
             (run / "metrics.json").write_text(json.dumps({"seed": seed, "history": hist}))
-    fig = plot_curves(tmp_path, ["sdw", "avpbc"], tmp_path / "c.png", "hopper-random")
+    fig = plot_curves(tmp_path, ["sdw", "avpbc"], tmp_path / "c.png", "hopper-random", "smoke")
     ax = fig.axes[0]
     assert "hopper-random" in ax.get_title() and ax.get_xlabel() == "outer step" and ax.get_ylabel()
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["sdw (n=2)", "avpbc (n=2)"]
-    assert all(len(line.get_xdata()) == 3 and line.get_marker() == "o" for line in ax.get_lines())
-    assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 2  # a band over seeds per method
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["SDW (n=2 seeds)", "Av-PBC (n=2 seeds)"]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert [len(c.lines[0].get_xdata()) for c in bars] == [3, 3]  # a point per evaluation, std over seeds
+    assert {c.lines[0].get_marker() for c in bars} == {"s", "o"}  # distinct markers
 
 
 @pytest.mark.slow

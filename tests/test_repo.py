@@ -56,18 +56,17 @@ def test_wheel_ships_the_studies_and_budgets(tmp_path):
         assert f in names
 
 
-def test_readme_results_blocks_are_generated_from_the_committed_results():
-    """Issue 12: the README's results tables are the committed results files, not typed numbers
-    (regenerate with `python -m obd.table --rebuild --tasks ... --readme README.md`)."""
-    import re
+def test_generated_tables_of_readme_and_docs_match_the_committed_files():
+    """Tables in README.md and docs/*.md between generated markers are what `python -m obd.docs` makes
+    from the committed files (results/, the shipped policies), not typed numbers."""
+    from obd.docs import BLOCK, block, pages
 
-    from obd.table import readme_block
-
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"<!-- BEGIN generated: (\S+) -->\n(.*?)<!-- END generated: \1 -->", readme, re.S)
-    assert blocks, "the README has no generated results block"
-    for out, body in blocks:
-        assert body == readme_block(Path(out), ROOT), f"README block {out} differs from its results files"
+    names = []
+    for page in pages(ROOT):
+        for name, body in BLOCK.findall(page.read_text()):
+            names.append(name)
+            assert body == block(name, page, ROOT), f"{page.name}: block {name} is out of date; run python -m obd.docs"
+    assert {"results/quick", "docs:policies", "docs:weights", "docs:quick-steps", "docs:curves"} <= set(names)
 
 
 def obd_imports() -> dict[str, set[str]]:

@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import sqlalchemy.exc
@@ -252,7 +253,15 @@ def test_search_never_changes_the_evaluation_learner():
 
     spec = load_study(default_study(), "halfcheetah-medium")
     cfg = run_config(
-        spec, "halfcheetah-medium", "sdw", {"distill.inner_lr": 0.05, "distill.inner_steps": 50}, 0, Path("x"), "g"
+        spec,
+        "halfcheetah-medium",
+        "sdw",
+        {"distill.inner_lr": 0.05, "distill.inner_steps": 50},
+        0,
+        Path("x"),
+        "g",
+        "trial",
+        "t",
     )
     assert cfg.distill.inner_lr == 0.05 and cfg.distill.inner_steps == 50
     published = EvalConfig()
@@ -535,3 +544,29 @@ def test_a_final_claimed_by_another_process_is_read_back_not_run_again(tmp_path,
     results = sweep.finals("random")
     timer.join()
     assert ran == [2] and results[1]["score"] == 41.0 and results[2]["score"] == 2.0
+
+
+def test_curves_figure_shows_baselines_as_reference_lines_and_names_the_budget(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.container import ErrorbarContainer
+
+    from obd.report import plot_curves
+
+    hist = [{"step": s, "score": float(s)} for s in (10, 20, 30)]
+    for method in ("sdw", "avpbc", "random"):
+        for seed in (1, 2):
+            d = tmp_path / "final" / method / f"seed-{seed}"
+            d.mkdir(parents=True)
+            h = hist if method != "random" else [{"step": 0, "score": 3.0}]
+            (d / "metrics.json").write_text(json.dumps({"history": h, "score": h[-1]["score"]}))
+    fig = plot_curves(tmp_path, ["sdw", "avpbc", "random"], tmp_path / "c.png", "hopper-medium", "quick")
+    ax = fig.axes[0]
+    assert "budget quick" in ax.get_title() and "std over seeds" in ax.get_title()
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert [c.get_label() for c in bars] == ["SDW (n=2 seeds)", "Av-PBC (n=2 seeds)"]
+    xs = [c.lines[0].get_xdata() for c in bars]
+    assert not np.array_equal(xs[0], xs[1])  # identical curves are offset, so neither hides the other
+    ref = [ln for ln in ax.get_lines() if ln.get_label().startswith("random real pairs")]
+    assert len(ref) == 1 and set(ref[0].get_ydata()) == {3.0}  # a horizontal line, not a dot at step 0

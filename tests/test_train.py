@@ -419,3 +419,58 @@ def test_resume_refuses_another_method_or_a_missing_checkpoint(tmp_path):
     # the same run continues to more steps; with no resume flag a library caller continues it too
     m = run(tiny_cfg(tmp_path, outer_steps=4, distill={"method": "sdw"}), show_progress=False)
     assert [h["step"] for h in m["history"]][0] == 2  # step 2's evaluation kept from the first invocation
+
+
+def wandb_records(folder) -> dict:
+    """What an offline W&B run under ``folder`` recorded: its run record, summary keys and values,
+    step metrics and record types, read from the run's transaction log (LevelDB log format of W&B
+    protobuf records)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = list(folder.glob("**/offline-run-*/run-*.wandb"))
+    data, pos, records, buf = path.read_bytes(), 7, [], b""
+    while pos < len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pos += 7
+        if kind == 0:
+            pos += left - 7
+            continue
+        chunk, pos = data[pos : pos + length], pos + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            records.append(rec)
+    out: dict = {"types": set(), "summary": {}, "step_metrics": {}}
+    for r in records:
+        t = r.WhichOneof("record_type")
+        out["types"].add(t)
+        if t == "run":
+            out["run"] = r.run
+        elif t == "summary":
+            out["summary"].update({u.key: json.loads(u.value_json) for u in r.summary.update if u.key})
+        elif t == "metric" and r.metric.step_metric:
+            out["step_metrics"][r.metric.glob_name or r.metric.name] = r.metric.step_metric
+    return out
+
+
+def test_wandb_run_carries_the_score_the_outer_step_and_its_place(tmp_path, monkeypatch):
+    over = {"wandb": True, "wandb_group": "g", "wandb_job_type": "final", "wandb_name": "hopper-sdw-final-s1"}
+    m = run(tiny_cfg(tmp_path / "a", **over, distill={"method": "sdw", "seed": 1}), show_progress=False)
+    w = wandb_records(tmp_path / "a" / "run")
+    assert (w["run"].job_type, w["run"].run_group, w["run"].display_name) == ("final", "g", "hopper-sdw-final-s1")
+    assert w["summary"]["score"] == pytest.approx(m["score"]) and w["summary"]["final_score"] == m["final_score"]
+    assert w["step_metrics"]["*"] == "trainer/global_step"  # charts against the outer step
+    assert "artifact" in w["types"]  # the synthetic set
+    # a baseline is logged too, as a baseline; WANDB_DIR, when set, is where the run goes
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    b = run(tiny_cfg(tmp_path / "b", wandb=True, distill={"method": "random"}), show_progress=False)
+    w = wandb_records(tmp_path / "wb")
+    assert w["run"].job_type == "baseline" and w["summary"]["score"] == pytest.approx(b["score"])
+    assert not list((tmp_path / "b").glob("**/offline-run-*"))

@@ -1,0 +1,183 @@
+"""``python -m obd.docs``: fill the generated tables of README.md and docs/*.md from committed files.
+
+A generated block sits between ``<!-- BEGIN generated: NAME -->`` and ``<!-- END generated: NAME -->``.
+NAME is a results folder (``results/quick``: the table of ``obd.table``, see
+:func:`obd.table.readme_block`) or one of :data:`TABLES`, each made from committed files only:
+
+- ``docs:policies``: the shipped behaviour policies' scores (``obd/behavior/policies/ENV.pt``);
+- ``docs:weights``: where Av-PBC's and SDW's weights go, from the quick runs' ``metrics.json``;
+- ``docs:quick-steps``: the quick runs' Av-PBC mean score at each evaluated step;
+- ``docs:curves``: each dataset's plateau, from ``results/curves/plateau.csv``.
+
+``--check`` exits 1 when a block differs from what its files give (a test runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from obd.errors import ObdError, cli
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = re.compile(r"<!-- BEGIN generated: (\S+) -->\n(.*?)<!-- END generated: \1 -->", re.S)
+
+
+def _runs(folder: Path, method: str) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for p in sorted(folder.glob(f"runs/*/{method}-s*/metrics.json")):
+        m = json.loads(p.read_text())
+        out.setdefault(m["task"], []).append(m)
+    return out
+
+
+def policies_table(root: Path) -> str:
+    import torch
+
+    lines = [
+        "| env | medium (SAC step) | expert (SAC step of the run) | the run's last snapshot |",
+        "|---|---|---|---|",
+    ]
+    for p in sorted((root / "obd" / "behavior" / "policies").glob("*.pt")):
+        pf = torch.load(p, weights_only=True)
+        meta = json.loads(pf["meta"])
+        med, exp = pf["medium"], pf.get("expert")
+        run_len = f"{meta['trained_steps'] / 1e6:g}M"
+        expert = f"{exp['score']:.1f} +/- {exp['score_std']:.1f} ({exp['step'] / 1e6:g}M of {run_len})" if exp else "-"
+        last = f"{meta['last_snapshot_score']:.1f}" if meta.get("last_snapshot_score") is not None else "-"
+        medium = f"{med['score']:.1f} +/- {med['score_std']:.1f} ({med['step'] // 1000}k)"
+        lines.append(f"| {pf['env']} | {medium} | {expert} | {last} |")
+    return "\n".join(lines) + "\n"
+
+
+def weights_table(root: Path) -> str:
+    from obd.table import NINE
+
+    av, sdw = _runs(root / "results" / "quick", "avpbc"), _runs(root / "results" / "quick", "sdw")
+    lines = [
+        "| dataset | corr(log p, Q) | Av-PBC: ESS, low-Q share | SDW: ESS, low-Q share |",
+        "|---|---|---|---|",
+    ]
+    for task in NINE:
+        if task not in av or task not in sdw:
+            continue
+        a, s = av[task][0], sdw[task][0]
+
+        def num(d: dict, *keys: str) -> str:
+            for k in keys:
+                d = d.get(k) if isinstance(d, dict) else None  # type: ignore[assignment]
+            return f"{d:.2f}" if isinstance(d, float) else "-"  # "-": the run predates the statistic
+
+        lines.append(
+            f"| {task} | {num(s, 'density_q_correlation')} | {num(a, 'weight_stats', 'ess_fraction')}, "
+            f"{num(a, 'weight_stats', 'low_q_share')} | {num(s, 'weight_stats', 'ess_fraction')}, "
+            f"{num(s, 'weight_stats', 'low_q_share')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def quick_steps_table(root: Path) -> str:
+    from obd.table import NINE, PUBLISHED_AVPBC
+
+    av = _runs(root / "results" / "quick", "avpbc")
+    steps = sorted({h["step"] for runs in av.values() for m in runs for h in m["history"]})
+    lines = [
+        "| dataset | " + " | ".join(f"step {s}" for s in steps) + " | published Av-PBC (50k steps) |",
+        "|---|" + "---|" * (len(steps) + 1),
+    ]
+    for task in NINE:
+        if task not in av:
+            continue
+        means = [np.mean([h["score"] for m in av[task] for h in m["history"] if h["step"] == s]) for s in steps]
+        lines.append(f"| {task} | " + " | ".join(f"{v:.1f}" for v in means) + f" | {PUBLISHED_AVPBC[task]} |")
+    return "\n".join(lines) + "\n"
+
+
+def curves_table(root: Path) -> str:
+    from obd.table import PUBLISHED_AVPBC
+
+    path = root / "results" / "curves" / "plateau.csv"
+    if not path.is_file():
+        return "No curves committed yet (`python -m obd.curves`).\n"
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    lines = [
+        "| dataset | method | seeds | outer steps | plateau score (+/- s.e.) | change over the last third | flat | "
+        "steps to the plateau | distillation CPU min to it | published Av-PBC |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        se = f" +/- {float(r['plateau_se']):.1f}" if r.get("plateau_se") else ""
+        cpu = f"{float(r['cpu_seconds_to_plateau']) / 60:.1f}" if r.get("cpu_seconds_to_plateau") else "-"
+        lines.append(
+            f"| {r['task']} | {r['method']} | {r['seeds']} | {r['outer_steps']} | "
+            f"{float(r['plateau_score']):.1f}{se} | "
+            f"{float(r['last_third_change']):+.1f} | {'yes' if r['flat'] == 'True' else 'no'} | "
+            f"{r['steps_to_plateau']} | {cpu} | {PUBLISHED_AVPBC.get(r['task'], '-')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+TABLES: dict[str, Callable[[Path], str]] = {
+    "docs:policies": policies_table,
+    "docs:weights": weights_table,
+    "docs:quick-steps": quick_steps_table,
+    "docs:curves": curves_table,
+}
+
+
+def block(name: str, page: Path, root: Path = ROOT) -> str:
+    """What the generated block NAME of ``page`` should hold."""
+    if name in TABLES:
+        return TABLES[name](root)
+    from obd.table import readme_block
+
+    return readme_block(Path(name), page.parent)
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def fill(page: Path, root: Path = ROOT) -> list[str]:
+    """Regenerate every block of ``page`` in place; the names of the blocks that changed."""
+    text = page.read_text()
+    changed = [name for name, body in BLOCK.findall(text) if body != block(name, page, root)]
+    new = BLOCK.sub(
+        lambda m: f"<!-- BEGIN generated: {m[1]} -->\n{block(m[1], page, root)}<!-- END generated: {m[1]} -->", text
+    )
+    page.write_text(new)
+    return changed
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m obd.docs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 when a block is out of date")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    stale = []
+    for page in pages():
+        if a.check:
+            stale += [f"{page.name}: {n}" for n, body in BLOCK.findall(page.read_text()) if body != block(n, page)]
+        else:
+            stale += [f"{page.name}: {n}" for n in fill(page)]
+    if a.check and stale:
+        raise ObdError(f"generated blocks out of date: {', '.join(stale)}; run `python -m obd.docs`")
+    print("\n".join(f"updated {s}" for s in stale) if stale else "every generated block is up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(main))
