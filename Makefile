@@ -10,7 +10,7 @@ SIZE ?=
 # PyPI's default (CUDA) build; TORCH=keep: whatever torch the environment already has.
 TORCH ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: venv test test-fast check bench train sweep sweep-worker report dashboard gpu-check data table curves misalignment clean
+.PHONY: venv test test-fast check bench train sweep sweep-worker report dashboard gpu-check data table table-worker curves misalignment clean
 
 venv: $(STAMP)
 
@@ -57,9 +57,15 @@ report: venv
 	$(PY) -m obd.report --task $(TASK) $(if $(OUT),--out $(OUT))
 
 # SDW vs Av-PBC (and random pairs) on many datasets: results/BUDGET/table.{csv,md,png}; resumable
+TABLE_ARGS = $(if $(TASKS),--tasks $(TASKS)) $(if $(BUDGET),--budget $(BUDGET)) $(if $(SEEDS),--seeds $(SEEDS)) \
+	$(if $(METHODS),--methods $(METHODS)) $(if $(OUT),--out $(OUT)) $(if $(STORAGE),--storage $(STORAGE))
+
 table: venv
-	$(PY) -m obd.table $(if $(TASKS),--tasks $(TASKS)) $(if $(BUDGET),--budget $(BUDGET)) $(if $(SEEDS),--seeds $(SEEDS)) \
-		$(if $(METHODS),--methods $(METHODS)) $(if $(OUT),--out $(OUT))
+	$(PY) -m obd.table $(TABLE_ARGS)
+
+# an extra process (on any machine) taking cells of the table on STORAGE
+table-worker: venv
+	$(PY) -m obd.table $(TABLE_ARGS) --worker
 
 # where each dataset's plateau is: results/curves/{curves.csv,plateau.csv,TASK.png}; resumable
 curves: venv

@@ -200,20 +200,35 @@ class TrialPruning:
 # ------------------------------------------------------------------ the sweep
 
 
-def _worker_alive(worker: str) -> bool:
-    """Whether the process named "host:pid" still runs; a process on another host counts as alive."""
-    host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname():
-        return True  # cannot tell from here
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return False  # unnamed, or this process: a batch it did not finish (interrupted in-process)
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class Heartbeat:
+    """Heartbeats for trials Optuna does not beat for (ask-and-tell): recorded in the storage every
+    ``HEARTBEAT_S`` seconds while the block runs, so a worker that dies, on any machine, leaves trials
+    whose heartbeat goes stale and that :func:`optuna.storages.fail_stale_trials` fails and retries."""
+
+    def __init__(self, storage: RDBStorage, trial_ids: list[int]):
+        import threading
+
+        self.storage, self.ids = storage, list(trial_ids)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            for tid in self.ids:
+                try:
+                    self.storage.record_heartbeat(tid)
+                except Exception as e:  # a storage hiccup: the next beat tries again
+                    log.warning("heartbeat of trial id %d failed: %s", tid, e)
+            if self.stop.wait(HEARTBEAT_S):
+                return
+
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def connect(url: str, attempts: int = 5) -> RDBStorage:
@@ -442,45 +457,46 @@ class Sweep:
 
     def _optimize_batched(self, study: optuna.Study, method: str, target: int, n_done, progress) -> None:
         """Ask-and-tell: ``batch_trials`` trials at a time advance as one batch (obd.batched.advance_batched);
-        each reports its evaluations to Optuna and a trial the pruner stops is dropped from the batch.
-        Trials this machine left running (a stopped process) are taken up again with their parameters
-        and resume from their checkpoints; trials of live workers elsewhere are left alone."""
+        each reports its evaluations to Optuna and a trial the pruner stops is dropped from the batch. The
+        batch's trials heartbeat through the storage; a trial whose worker died (its heartbeat stale, on
+        any machine) is failed and retried with the same parameters and run folder, so it resumes from its
+        checkpoint when that folder is shared."""
         from obd.batched import advance_batched
 
-        def orphaned() -> list[optuna.trial.FrozenTrial]:
-            return [
-                t
-                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if t.user_attrs.get("engine") == "batched" and not _worker_alive(t.user_attrs.get("worker", ""))
-            ]
-
         while n_done() < target:
-            left = orphaned()[: self.batch_trials]
-            trials = [optuna.trial.Trial(study, t._trial_id) for t in left]
-            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) - len(left)
-            new = min(self.batch_trials - len(trials), target - n_done() - running - len(trials))
-            trials += [study.ask() for _ in range(max(0, new))]
-            if not trials:
-                time.sleep(2)  # the rest run in live workers elsewhere
+            optuna.storages.fail_stale_trials(study)  # dead workers' trials: failed, and enqueued again
+            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            new = min(self.batch_trials, target - n_done() - running)
+            if new <= 0:
+                time.sleep(2)  # the rest run in live workers, or wait for their heartbeat to go stale
                 continue
-            cfgs, listeners = [], []
-            for trial in trials:
-                params = suggest(trial, self.space(method))  # a resumed trial gets its stored values back
-                out = self.out / "trials" / method / f"trial-{trial.number:03d}"
+            trials, cfgs, listeners = [], [], []
+            for trial in (study.ask() for _ in range(new)):  # retries (enqueued) come first
+                params = suggest(trial, self.space(method))  # a retried trial gets its stored values back
+                same = repeated(study, params)
+                if same is not None:
+                    trial.set_user_attr("duplicate_of", same.number)
+                    progress(study, study.tell(trial, float(same.value)))  # type: ignore[arg-type]
+                    continue
+                out = Path(trial.user_attrs.get("out") or self.out / "trials" / method / f"trial-{trial.number:03d}")
                 cfg = self.trial_config(method, params, trial.number, out)
                 cfg.threads = self.threads
                 trial.set_user_attr("out", str(out))
                 trial.set_user_attr("engine", "batched")
-                trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+                trial.set_user_attr("worker", self.worker)
+                trials.append(trial)
                 cfgs.append(cfg)
                 listeners.append([TrialPruning(trial)])
+            if not trials:
+                continue
             try:
-                results = advance_batched(cfgs, listeners, show_progress=self.show_progress)
+                with Heartbeat(self.storage, [t._trial_id for t in trials]):
+                    results = advance_batched(cfgs, listeners, show_progress=self.show_progress)
             except Exception:
                 for trial in trials:
                     study.tell(trial, state=TrialState.FAIL)
                 raise
-            # (KeyboardInterrupt leaves them running: the next invocation takes them up again)
+            # (KeyboardInterrupt leaves them running: their heartbeat goes stale, and they are retried)
             for trial, res in zip(trials, results):
                 if isinstance(res, optuna.TrialPruned):
                     frozen = study.tell(trial, state=TrialState.PRUNED)
@@ -498,11 +514,7 @@ class Sweep:
         run new trials around them."""
         if not self.storage.url.startswith("sqlite"):
             return  # shared storage: other workers' trials are alive; optuna fails stale ones as trials start
-        running = [
-            t
-            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.user_attrs.get("engine") != "batched"  # no heartbeat: taken up by _optimize_batched
-        ]
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running:
             return
         log.info(
@@ -523,7 +535,8 @@ class Sweep:
             trial.set_user_attr("duplicate_of", same.number)
             log.info("%s trial %d repeats trial %d's parameters: not run", method, trial.number, same.number)
             return float(same.value)  # type: ignore[arg-type]
-        out = self.out / "trials" / method / f"trial-{trial.number:03d}"
+        # a retried trial (its worker died) keeps its run folder, so it continues from its checkpoint
+        out = Path(trial.user_attrs.get("out") or self.out / "trials" / method / f"trial-{trial.number:03d}")
         cfg = self.trial_config(method, params, trial.number, out)
         cfg.threads = self.threads
         trial.set_user_attr("out", str(out))

@@ -58,6 +58,26 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"--seeds: expected a range like 0-4 or a list like 0,1,2, got {text!r}") from None
 
 
+def cell_config(task: str, method: str, seed: int, budget: str, out: Path, layers: list[dict], threads: int):
+    """The resolved config of one cell of the table (its run folder ``OUT/runs/TASK/METHOD-sSEED``)."""
+    from obd.config import BASELINE_START, build_config
+
+    return build_config(
+        budget,
+        [
+            *layers,
+            {
+                "data": {"source": task},
+                "distill": {"method": method, "seed": seed},
+                "out": str(out / "runs" / task / f"{method}-s{seed}"),
+                "wandb_group": f"table-{budget}-{out.resolve().name}",
+                "wandb_job_type": "baseline" if method in BASELINE_START else "final",
+                "threads": threads,
+            },
+        ],
+    )
+
+
 def run_all(
     tasks: list[str],
     methods: list[str],
@@ -71,7 +91,7 @@ def run_all(
 ) -> dict[tuple[str, str, int], dict]:
     """Every (task, method, seed) run; finished ones are read back, the rest run ``jobs`` at a time."""
 
-    from obd.config import BASELINE_START, build_config, to_dict
+    from obd.config import build_config, to_dict
     from obd.evaluate import rescore
     from obd.runs import check_same_data, comparable_run, config_difference
     from obd.sweep import run_configs
@@ -87,20 +107,7 @@ def run_all(
         for method in methods:
             for seed in seeds:
                 run_dir = out / "runs" / task / f"{method}-s{seed}"
-                cfg = build_config(
-                    budget,
-                    [
-                        *layers,
-                        {
-                            "data": {"source": task},
-                            "distill": {"method": method, "seed": seed},
-                            "out": str(run_dir),
-                            "wandb_group": f"table-{budget}-{out.resolve().name}",
-                            "wandb_job_type": "baseline" if method in BASELINE_START else "final",
-                            "threads": threads,
-                        },
-                    ],
-                )
+                cfg = cell_config(task, method, seed, budget, out, layers, threads)
                 path = run_dir / "metrics.json"
                 if path.is_file():
                     m = rescore(json.loads(path.read_text()))
@@ -122,7 +129,8 @@ def run_all(
     # the shared stages (dataset, teacher, density) first, one task at a time, with progress bars
     for task in sorted({k[0] for k in todo}):
         needs = {k[1] for k in todo if k[0] == task}
-        method = next((m for m in ("sdw", "avpbc", "pbc", "dbc") if m in needs), "dbc")
+        teacher_first = ("sdw", "avpbc", "pbc", "random-teacher", "kmeans-teacher", "dbc")
+        method = next((m for m in teacher_first if m in needs), "dbc")
         prepare_targets(build_config(budget, [*layers, {"data": {"source": task}}]), method)
     if batched:  # every distillation run of a task in one batched computation (obd.batched)
         from obd.batched import run_batched
@@ -388,6 +396,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true", help="only rebuild the table from the runs already there")
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="for every run (default auto)")
     p.add_argument("--batched", action="store_true", help="each task's distillation runs as one batched computation")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="an Optuna storage URL (postgresql://... for several machines): the cells go there and any number "
+        "of --worker processes take them",
+    )
+    p.add_argument("--worker", action="store_true", help="with --storage: only run cells (for extra machines)")
     return p
 
 
@@ -414,7 +429,13 @@ def main(argv: list[str] | None = None) -> int:
         layers.append({"device": a.device})
     out = Path(a.out or f"results/{a.budget}")
     seeds = parse_seeds(a.seeds)
-    if a.rebuild:
+    if a.worker and not a.storage:
+        raise ConfigError("--worker takes cells from a shared --storage; give the main process's URL")
+    if a.storage:
+        results = _on_storage(a, tasks, methods, seeds, out, layers)
+        if results is None:
+            return 0
+    elif a.rebuild:
         results = {}
         for path in out.glob("runs/*/*/metrics.json"):
             m = rescore(json.loads(path.read_text()))
@@ -430,6 +451,33 @@ def main(argv: list[str] | None = None) -> int:
         update_readme(Path(a.readme), out)
         print(f"updated the results block of {a.readme}")
     return 0
+
+
+def _on_storage(a: argparse.Namespace, tasks: list[str], methods: list[str], seeds: list[int], out: Path, layers):
+    """The table's cells through the storage: a worker runs cells and returns None; the main process
+    enqueues the missing ones, runs cells too, waits for the others and returns every finished cell."""
+    import time
+
+    from obd.cells import enqueue, finished, open_table, work
+    from obd.config import to_dict
+
+    study = open_table(a.storage, a.budget, out)
+    if a.worker:
+        while not any("cell" in t.user_attrs for t in study.get_trials(deepcopy=False)):
+            time.sleep(2)  # the main process has not enqueued the table yet
+        print(f"this worker ran {work(study)} cell(s)")
+        return None
+    wanted = {(t, m, s) for t in tasks for m in methods for s in seeds}
+    if not a.rebuild:
+        threads = a.threads or 1
+        cells = {k: to_dict(cell_config(*k, a.budget, out, layers, threads)) for k in sorted(wanted)}
+        log.info("%d new cell(s) enqueued in %s", enqueue(study, cells), study.study_name)
+        work(study, wait_for_all=True)
+    results = {k: m for k, m in finished(study).items() if k in wanted}
+    missing = sorted(wanted - set(results))
+    if missing:
+        print(f"not finished yet: {', '.join(f'{t}/{m}/s{s}' for t, m, s in missing)}")
+    return results
 
 
 if __name__ == "__main__":

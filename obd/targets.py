@@ -81,7 +81,7 @@ def prepare_dataset(
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes sharing the cache
     if path.suffix == ".npy":
         with open(tmp, "wb") as f:
             np.save(f, obj)
@@ -198,7 +198,7 @@ def prepare_targets(
             mean, std = torch.from_numpy(z["mean"]), torch.from_numpy(z["std"])
     else:
         mean, std = obs.mean(0), obs.std(0) + 1e-3
-        tmp = cache / "normalization.tmp.npz"
+        tmp = cache / f"normalization.{os.getpid()}.tmp.npz"
         np.savez(tmp, mean=mean.numpy(), std=std.numpy())
         os.replace(tmp, norm_path)
     scores = task.normalized_score(ds.episode_returns())

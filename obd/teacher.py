@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import pickle
 import time
 import types
@@ -86,7 +87,7 @@ class Teacher:
 
     def save(self, path: Path) -> None:
         """A teacher file any ``--teacher`` accepts (tensors and strings only: loads with weights_only)."""
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         state = {
             "actor": self.actor.state_dict(),
             "critic": self.critic.state_dict(),
@@ -159,7 +160,7 @@ def train_td3bc(
         if checkpoint is not None and it > start and it % checkpoint_every == 0:
             state = {k: m.state_dict() for k, m in modules.items()}
             state.update(gen=gen.get_state(), torch_rng=torch.get_rng_state(), it=it, seconds=time.time() - t0)
-            tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+            tmp = checkpoint.with_name(f"{checkpoint.name}.{os.getpid()}.tmp")
             torch.save(state, tmp)
             tmp.replace(checkpoint)
         idx = torch.randint(0, obs.shape[0], (cfg.batch_size,), generator=gen).to(dev)

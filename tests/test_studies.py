@@ -147,3 +147,64 @@ def test_table_plot_with_a_method_not_run_yet(tmp_path):
     row |= {"avpbc_mean": 11.3, "avpbc_std": 2.6, "sdw_mean": None, "sdw_std": None, "random_mean": None}
     plot([row], tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def _cells_of(db: str, out) -> list:
+    import optuna
+
+    from obd.cells import study_name
+
+    return optuna.load_study(study_name=study_name("smoke", out), storage=db).get_trials(deepcopy=False)
+
+
+@pytest.mark.slow
+def test_table_cells_on_a_storage_survive_a_killed_worker_and_run_once(tmp_path):
+    """Three processes share a table through an Optuna storage; one worker is killed in a cell: every
+    cell finishes exactly once (the killed one retried), and the table is the single-process one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from optuna.trial import TrialState
+
+    slow = {**TINY, "outer_steps": 40, "eval_every": 20, "checkpoint_every": 2}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(slow))
+    env = {**os.environ, "OBD_DATA_DIR": str(tmp_path / "data"), "WANDB_MODE": "disabled"}
+    db = f"sqlite:///{tmp_path / 'table.db'}"
+    args = [sys.executable, "-m", "obd.table", *table_args(tmp_path), "--storage", db]
+    main = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = [subprocess.Popen([*args, "--worker"], env=env, cwd=tmp_path) for _ in range(2)]
+    victim, killed = workers[0], None
+    deadline = time.time() + 240
+    while killed is None and time.time() < deadline and main.poll() is None:
+        time.sleep(0.5)
+        try:
+            trials = _cells_of(db, tmp_path / "res")
+        except Exception:  # the study is not created yet
+            continue
+        for t in trials:
+            mine = t.user_attrs.get("worker", "").endswith(f":{victim.pid}")
+            ckpt = t.user_attrs.get("config", {}).get("out")
+            if t.state == TrialState.RUNNING and mine and ckpt and list((tmp_path / ckpt).glob("checkpoints/*.ckpt")):
+                victim.send_signal(signal.SIGKILL)  # dies in the middle of a cell, after a checkpoint
+                killed = t.user_attrs["cell"]
+                break
+    _, err = main.communicate(timeout=300)
+    for w in workers:
+        w.wait(timeout=60)
+    assert main.returncode == 0, err[-3000:]
+    assert killed is not None, "no cell was running in the victim worker"
+    trials = _cells_of(db, tmp_path / "res")
+    done = [t.user_attrs["cell"] for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(done) == sorted(set(done)) and len(done) == 6  # every cell finished exactly once
+    assert any(t.state == TrialState.FAIL and t.user_attrs.get("cell") == killed for t in trials)
+    shared = list(csv.DictReader(open(tmp_path / "res" / "table.csv")))
+    # the same table made by one process without a storage
+    from obd.table import main as table_main
+
+    assert table_main([*table_args(tmp_path)[:-1], str(tmp_path / "alone")]) == 0
+    alone = list(csv.DictReader(open(tmp_path / "alone" / "table.csv")))
+    keys = [k for k in alone[0] if k.endswith(("_mean", "_std")) or k == "sdw_minus_avpbc"]
+    assert [{k: r[k] for k in keys} for r in shared] == [{k: r[k] for k in keys} for r in alone]

@@ -570,3 +570,39 @@ def test_curves_figure_shows_baselines_as_reference_lines_and_names_the_budget(t
     assert not np.array_equal(xs[0], xs[1])  # identical curves are offset, so neither hides the other
     ref = [ln for ln in ax.get_lines() if ln.get_label().startswith("random real pairs")]
     assert len(ref) == 1 and set(ref[0].get_ydata()) == {3.0}  # a horizontal line, not a dot at step 0
+
+
+def test_a_batched_trial_whose_worker_died_is_retried_in_its_own_folder(tmp_path, monkeypatch):
+    import time
+
+    import obd.batched
+    import obd.sweep
+    from obd.sweep import Heartbeat, Sweep
+
+    monkeypatch.setattr(obd.sweep, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(obd.sweep, "GRACE_S", 2)
+    batches: list[list[str]] = []
+
+    def fake_advance(cfgs, listeners, show_progress=True):
+        batches.append([c.out for c in cfgs])
+        return [{"score": 1.0, "history": [{"step": 4, "score": 1.0}]} for _ in cfgs]
+
+    monkeypatch.setattr(obd.batched, "advance_batched", fake_advance)
+    spec = load_study(write_study(tmp_path, trials=2), "hopper-random")
+    sweep = Sweep("hopper-random", spec, tmp_path / "s", None, show_progress=False, batched=True, batch_trials=2)
+    study = sweep.study("avpbc")
+    # a worker on some machine took a trial and died: its heartbeats stop
+    dead = study.ask()
+    dead.suggest_float("distill.outer_lr", 0.05, 0.5, log=True)
+    dead.suggest_int("distill.inner_steps", 2, 4)
+    dead.set_user_attr("out", str(tmp_path / "s" / "trials" / "avpbc" / "trial-000"))
+    with Heartbeat(sweep.storage, [dead._trial_id]):
+        pass
+    time.sleep(3)  # past the grace period
+    sweep.optimize("avpbc", wait_for_stale=False)
+    trials = sweep.study("avpbc").trials
+    assert trials[0].state == TrialState.FAIL  # failed through its stale heartbeat, not by host and pid
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 0)
+    assert retry.state == TrialState.COMPLETE and retry.params == trials[0].params
+    assert str(tmp_path / "s" / "trials" / "avpbc" / "trial-000") in batches[0]  # resumes in its own folder
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2

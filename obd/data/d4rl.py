@@ -71,7 +71,7 @@ def write_d4rl_hdf5(
     """Write arrays in D4RL's layout (atomically: a temp file renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # writers sharing OBD_DATA_DIR
     with h5py.File(tmp, "w") as f:
         for k, v in arrays.items():
             f.create_dataset(k, data=v, compression="gzip" if v.size > 1 << 16 else None)
