@@ -1,4 +1,9 @@
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -26,3 +31,59 @@ def hopper_transitions():
 
     rng = np.random.default_rng(0)
     return collect_transitions("Hopper-v5", lambda o: rng.uniform(-1, 1, (len(o), 3)), 600, seed=0, n_envs=4)
+
+
+def _pg_bin() -> Path | None:
+    for cand in sorted(Path("/usr/lib/postgresql").glob("*/bin")) + [Path("/usr/local/bin"), Path("/usr/bin")]:
+        if (cand / "initdb").exists() and (cand / "pg_ctl").exists():
+            return cand
+    return None
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not installed (Debian package 'postgresql'); .ci/run installs them")
+    # pytest's tmp dirs are private to their owner; the server needs a directory it can reach
+    data = Path(tempfile.mkdtemp(prefix="obd-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(data, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run(
+        [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "obd", "--auth=trust"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *as_user,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-w",
+            "-l",
+            str(data / "log"),
+            "-o",
+            f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "obd", "-d", "postgres", "-c", "CREATE DATABASE optuna"],
+            check=True,
+            capture_output=True,
+        )
+        yield f"postgresql://obd@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+        )
+        shutil.rmtree(data, ignore_errors=True)

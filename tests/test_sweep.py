@@ -1,11 +1,9 @@
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -271,62 +269,6 @@ def test_search_never_changes_the_evaluation_learner():
         published.hidden,
         published.init,
     )
-
-
-def _pg_bin() -> Path | None:
-    for cand in sorted(Path("/usr/lib/postgresql").glob("*/bin")) + [Path("/usr/local/bin"), Path("/usr/bin")]:
-        if (cand / "initdb").exists() and (cand / "pg_ctl").exists():
-            return cand
-    return None
-
-
-@pytest.fixture
-def postgres(tmp_path):
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries not installed (Debian package 'postgresql'); .ci/run installs them")
-    # pytest's tmp dirs are private to their owner; the server needs a directory it can reach
-    data = Path(tempfile.mkdtemp(prefix="obd-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(data, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run(
-        [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "obd", "--auth=trust"],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            *as_user,
-            str(bindir / "pg_ctl"),
-            "-D",
-            str(data),
-            "-w",
-            "-l",
-            str(data / "log"),
-            "-o",
-            f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        subprocess.run(
-            ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "obd", "-d", "postgres", "-c", "CREATE DATABASE optuna"],
-            check=True,
-            capture_output=True,
-        )
-        yield f"postgresql://obd@127.0.0.1:{port}/optuna"
-    finally:
-        subprocess.run(
-            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True
-        )
-        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -606,3 +548,46 @@ def test_a_batched_trial_whose_worker_died_is_retried_in_its_own_folder(tmp_path
     assert retry.state == TrialState.COMPLETE and retry.params == trials[0].params
     assert str(tmp_path / "s" / "trials" / "avpbc" / "trial-000") in batches[0]  # resumes in its own folder
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def study_storage(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'study.db'}"
+    return request.getfixturevalue("postgres")
+
+
+@pytest.mark.slow
+def test_a_batched_study_survives_a_killed_worker(tmp_path, study_storage):
+    """A --batched study on a shared storage with a worker that is killed in its batch: the dead worker's
+    trials go stale through their heartbeats and are retried; the study reaches its target with
+    distinct parameter sets and finishes."""
+    import signal
+    import time
+
+    fixed = {**STUDY["fixed"], "outer_steps": 40, "eval_every": 20, "wandb": False}
+    study = write_study(tmp_path, methods=["avpbc"], trials=4, seeds=1, fixed=fixed, pruner={"n_startup_trials": 10})
+    out = tmp_path / "sweep"
+    base = sweep_cmd(study, out, "--storage", study_storage, "--batched", "--batch-trials", "2", "--jobs", "1")
+    victim = subprocess.Popen([*base, "--worker"], env=env(tmp_path), cwd=tmp_path)
+    killed: list[int] = []
+    deadline = time.time() + 240
+    while not killed and time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            trials = trials_of(out, "avpbc", storage=study_storage)
+        except Exception:  # not created yet
+            continue
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("out")]
+        if running and all(list(Path(t.user_attrs["out"]).glob("checkpoints/*.pt")) for t in running):
+            victim.send_signal(signal.SIGKILL)
+            killed = [t.number for t in running]
+    victim.wait(timeout=60)
+    assert killed, "the worker never had a batch running"
+    main = subprocess.run(base, env=env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert main.returncode == 0, main.stderr[-3000:]
+    trials = trials_of(out, "avpbc", storage=study_storage)
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) >= 4 and len({tuple(sorted(t.params.items())) for t in done}) == len(done)
+    retried = {t.system_attrs.get("failed_trial") for t in done}
+    assert set(killed) <= retried  # each killed trial was taken up again with its parameters
