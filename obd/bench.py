@@ -255,6 +255,55 @@ def bench_eval_training(repeat: int) -> tuple[float, float]:
     )
 
 
+CELL_CONFIG = {
+    "outer_steps": 60,
+    "eval_every": 30,
+    "checkpoint_every": 5,
+    "data": {"size": 5000},
+    "teacher": {"td3bc": {"steps": 200, "hidden": [32, 32]}, "eval_episodes": 1},
+    "distill": {"n_synthetic": 32, "inner_steps": 10, "hidden": [64, 64]},
+    "eval": {"policies": 2, "episodes": 2, "inner_steps": 10, "hidden": [64, 64]},
+}
+
+
+def bench_cells(workers: tuple[int, ...], seeds: int = 8) -> dict[str, float]:
+    """Table cells per minute with W processes sharing one storage (SQLite here; the same code path as
+    PostgreSQL on loopback): hopper-random x {Av-PBC, SDW} x ``seeds`` at a tiny config, the data and
+    teacher built once beforehand; W = 1 is the main process alone."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+
+    tmp = Path(tempfile.mkdtemp(prefix="obd-bench-cells-"))
+    (tmp / "cell.yaml").write_text(yaml.safe_dump(CELL_CONFIG))
+    env = {**os.environ, "OBD_DATA_DIR": str(tmp / "data"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    common = ["--tasks", "hopper-random", "--methods", "avpbc,sdw", "--budget", "smoke", "--config"]
+    common += [str(tmp / "cell.yaml"), "--threads", "1"]
+    warm = [sys.executable, "-m", "obd.table", *common, "--seeds", "99", "--out", str(tmp / "warm")]
+    subprocess.run(warm, env=env, check=True, capture_output=True)  # data, teacher and density, once
+    out: dict[str, float] = {}
+    for w in workers:
+        db = f"sqlite:///{tmp / f'w{w}.db'}"
+        args = [sys.executable, "-m", "obd.table", *common, "--seeds", f"0-{seeds - 1}", "--storage", db]
+        args += ["--out", str(tmp / f"w{w}")]
+        t = time.perf_counter()
+        main = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        extra = [
+            subprocess.Popen([*args, "--worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(w - 1)
+        ]
+        _, err = main.communicate()
+        for e in extra:
+            e.wait()
+        if main.returncode != 0:
+            raise RuntimeError(f"table with {w} workers failed: {err[-500:]}")
+        out[str(w)] = 2 * seeds / ((time.perf_counter() - t) / 60)
+        print(f"table cells per minute with {w} process(es) on one storage: {out[str(w)]:.1f}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m obd.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -271,7 +320,14 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: every available device (cpu, and cuda when present)",
     )
     p.add_argument("--batched-k", default="1,8,32", help="run counts for the batched figures (default 1,8,32)")
+    p.add_argument("--cells-workers", default="1,2,4", help="process counts for the table-cells figure (default 1,2,4)")
+    p.add_argument("--only-cells", action="store_true", help="only the table-cells figure")
     a = p.parse_args(argv)
+    if a.only_cells:
+        cells = bench_cells(tuple(int(w) for w in a.cells_workers.split(",")))
+        Path(a.out).write_text(json.dumps({"table_cells_per_minute": cells}, indent=1))
+        print(f"wrote {a.out}")
+        return 0
     torch.set_num_threads(a.threads)
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -319,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     help_s = bench_help()
     print(f"`python -m obd.train --help`: {help_s:.2f} s", flush=True)
+    cells = bench_cells(tuple(int(w) for w in a.cells_workers.split(",")))
     sac, sac_ref = bench_sac(a.sac_updates)
     print(f"behaviour SAC updates/s ({a.threads} threads): ours {sac:.0f}, straightforward {sac_ref:.0f}", flush=True)
     res = {
@@ -342,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval_train_10_batched_s": ev_b,
         "eval_train_10_sequential_s": ev_s,
         "train_help_s": help_s,
+        "table_cells_per_minute": cells,
     }
     print(f"outer iteration speed-up, fast / reference: {res['outer_iter_speedup']:.2f}x")
     Path(a.out).write_text(json.dumps(res, indent=1))
