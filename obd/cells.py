@@ -80,12 +80,13 @@ def work(study: optuna.Study, wait_for_all: bool = False) -> int:
     """Run waiting cells until none is left (and, with ``wait_for_all``, none runs elsewhere); how many
     this process ran."""
     from obd.config import RunConfig, merge
-    from obd.sweep import Heartbeat
+    from obd.sweep import Heartbeat, beat_orphans
     from obd.train import run
 
     storage = study._storage
     ran = 0
     while True:
+        beat_orphans(study)
         optuna.storages.fail_stale_trials(study)  # cells of dead workers: failed and enqueued again
         waiting, running = _pending(study)
         if not waiting:

@@ -223,12 +223,26 @@ class Heartbeat:
                 return
 
     def __enter__(self) -> Heartbeat:
+        for tid in self.ids:  # marks the trial as one that beats (see beat_orphans)
+            self.storage.set_trial_user_attr(tid, "heartbeat", True)
         self.thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.stop.set()
         self.thread.join()
+
+
+def beat_orphans(study: optuna.Study) -> None:
+    """Trials left running that never had a heartbeat (their process died before beating, or they were
+    started by an older obd) get one now, so that Optuna finds them stale a grace period later."""
+    from datetime import datetime
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = t.datetime_start or datetime.now()
+        if not t.user_attrs.get("heartbeat") and (datetime.now() - started).total_seconds() > GRACE_S:
+            study._storage.record_heartbeat(t._trial_id)  # type: ignore[attr-defined]
+            study._storage.set_trial_user_attr(t._trial_id, "heartbeat", True)
 
 
 def connect(url: str, attempts: int = 5) -> RDBStorage:
@@ -245,7 +259,9 @@ def connect(url: str, attempts: int = 5) -> RDBStorage:
             )
         except Exception as e:  # sqlalchemy errors of several kinds
             if i == attempts - 1:
-                raise ValueError(f"cannot open the study storage {url.split('@')[-1]}: {e}") from None
+                raise ObdError(
+                    f"cannot open the study storage {url.split('@')[-1]}: {str(e).splitlines()[0]}"
+                ) from None
             time.sleep(1 + 2 * random.random())
     raise AssertionError("unreachable")
 
@@ -441,6 +457,7 @@ class Sweep:
         while n_done() < target and attempts < 3 * target:
             if n_claimed() >= target:  # the rest are running elsewhere: wait for them (or their heartbeat to stop)
                 time.sleep(2)
+                beat_orphans(study)
                 optuna.storages.fail_stale_trials(study)
                 continue
             study.optimize(
@@ -464,6 +481,7 @@ class Sweep:
         from obd.batched import advance_batched
 
         while n_done() < target:
+            beat_orphans(study)
             optuna.storages.fail_stale_trials(study)  # dead workers' trials: failed, and enqueued again
             running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
             new = min(self.batch_trials, target - n_done() - running)
@@ -523,6 +541,7 @@ class Sweep:
             len(running),
             GRACE_S,
         )
+        beat_orphans(study)
         time.sleep(GRACE_S + 1)
         optuna.storages.fail_stale_trials(study)
 

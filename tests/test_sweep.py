@@ -320,8 +320,13 @@ def test_finals_can_vary_data_and_teacher_seed_per_seed(tmp_path):
 def test_batched_sweep_asks_trials_in_batches_and_takes_up_orphaned_ones(tmp_path, monkeypatch):
     """Issue 11: ask-and-tell, batch_trials trials advanced together; a trial the pruner stops is
     dropped from its batch and told pruned; a trial a stopped process left running is resumed."""
+    import time
+
+    import obd.sweep
     from obd.sweep import Sweep
 
+    monkeypatch.setattr(obd.sweep, "GRACE_S", 1)
+    monkeypatch.setattr(obd.sweep, "HEARTBEAT_S", 1)
     monkeypatch.setenv("OBD_DATA_DIR", str(tmp_path / "data"))
     spec = load_study(write_study(tmp_path, trials=3, methods=["avpbc"]), "hopper-random")
     spec["fixed"]["wandb"] = False
@@ -332,7 +337,8 @@ def test_batched_sweep_asks_trials_in_batches_and_takes_up_orphaned_ones(tmp_pat
     orphan.suggest_float("distill.outer_lr", 0.05, 0.5, log=True)
     orphan.suggest_int("distill.inner_steps", 2, 4)
     orphan.set_user_attr("engine", "batched")
-    orphan.set_user_attr("worker", f"{socket.gethostname()}:999999999")
+    orphan.set_user_attr("worker", f"{socket.gethostname()}:999999999")  # it never beat: an older obd's trial
+    time.sleep(1.5)
     # the pruner: a trial whose first evaluation is below every completed one stops there
     calls: list[int] = []
     real_should_prune = optuna.trial.Trial.should_prune
@@ -345,11 +351,15 @@ def test_batched_sweep_asks_trials_in_batches_and_takes_up_orphaned_ones(tmp_pat
     sw.prepare()
     sw.optimize("avpbc")
     trials = trials_of(out, "avpbc")
-    assert len(trials) == 3  # the orphan was taken up, not replaced
-    assert trials[0].state == TrialState.COMPLETE and trials[0].params == orphan.params
-    assert trials[2].state == TrialState.PRUNED and list(trials[2].intermediate_values) == [2]
+    # the orphan went stale, failed, and was taken up again with its parameters
+    assert trials[0].state == TrialState.FAIL
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 0)
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retry.state in finished and retry.params == orphan.params
+    assert trials[2].state == TrialState.PRUNED and list(trials[2].intermediate_values) == [2]  # dropped early
     assert trials[1].state == TrialState.COMPLETE and sorted(trials[1].intermediate_values) == [2, 4]
-    assert all(t.user_attrs["engine"] == "batched" for t in trials)
+    assert sum(t.state in finished for t in trials) == 3
+    assert all(t.user_attrs["engine"] == "batched" for t in trials[1:])
     assert not (out / "trials" / "avpbc" / "trial-002" / "metrics.json").exists()
 
 
