@@ -21,12 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-Params = list[Tensor]
-
-
-def stack_params(runs: list[Params]) -> Params:
-    """[W (in, out), b (out,), ...] of K runs -> [W (K, in, out), b (K, 1, out), ...]."""
-    return [torch.stack([p[i] if i % 2 == 0 else p[i].unsqueeze(0) for p in runs]) for i in range(len(runs[0]))]
+from obd.policy import Params, init_policy, policy_forward, stack_params, unstack_params
 
 
 def _relu_grad(x: Tensor, h: Tensor) -> Tensor:
@@ -86,13 +81,7 @@ def _hvp(
 
 def outer_loss_batched(params: Params, obs: Tensor, target: Tensor, weight: Tensor) -> Tensor:
     """Per-run outer loss (K,): mean_i w_i * mean_j (tanh(f(s_i)) - y_i)_j^2."""
-    h = obs
-    L = len(params) // 2
-    for i in range(L):
-        h = torch.baddbmm(params[2 * i + 1], h, params[2 * i])
-        if i < L - 1:
-            h = torch.relu(h)
-    return (weight * ((torch.tanh(h) - target) ** 2).mean(2)).mean(1)
+    return (weight * ((policy_forward(params, obs) - target) ** 2).mean(2)).mean(1)
 
 
 def outer_grad_batched(
@@ -168,7 +157,7 @@ def outer_grad_runs(
 
     out = []
     for k in range(S.shape[0]):
-        p = [q[k] if i % 2 == 0 else q[k, 0] for i, q in enumerate(params0)]
+        p = unstack_params(params0, k)
         out.append(outer_grad_fast(S[k], A[k], p, obs[k], target[k], weight[k], int(steps[k]), float(lr[k])))
     loss, gS, gA = zip(*out)
     return torch.stack(loss), torch.stack(gS), torch.stack(gA)
@@ -220,7 +209,7 @@ def advance_batched(
     from obd.config import BASELINE_START, to_dict
     from obd.datamodule import OBDDataModule
     from obd.devices import resolve_device
-    from obd.distill import init_policy, outer_optimizer
+    from obd.distill import outer_optimizer
     from obd.errors import ConfigError
     from obd.evaluate import evaluate_synthetic, set_change, summarize_history
     from obd.seeding import derive_seed

@@ -25,8 +25,9 @@ from torch import nn
 
 from obd.config import DensityConfig
 from obd.density import density_weights
-from obd.distill import init_policy, outer_grad_fast, outer_grad_unrolled, policy_forward
+from obd.distill import outer_grad_fast, outer_grad_unrolled
 from obd.nets import TanhGaussianActor, mlp
+from obd.policy import init_policy, policy_forward
 from obd.rollout import evaluate_episodes
 
 
@@ -163,7 +164,7 @@ def bench_sac(n: int) -> tuple[float, float]:
 
 def _published_batch(device: torch.device, k: int) -> tuple:
     """K runs' inputs at the published sizes (256 pairs, 3x256 policy, T = 100, 10 x 256 real states)."""
-    from obd.batched import stack_params
+    from obd.policy import stack_params
 
     g = torch.Generator().manual_seed(0)
     S = torch.randn(k, 256, 17, generator=g).to(device)

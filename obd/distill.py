@@ -24,8 +24,6 @@ Two exact implementations of that gradient:
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -33,50 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from obd.config import DistillConfig
+from obd.policy import Params, init_policy, policy_forward
 from obd.seeding import derive_seed
-
-Params = list[Tensor]
-
-
-# ------------------------------------------------------------------ the policy, functionally
-
-HEAD_GAIN = {"official": math.sqrt(2), "corl": 1e-2}
-
-
-def init_policy(
-    obs_dim: int, act_dim: int, hidden: Sequence[int], gen: torch.Generator, init: str = "official"
-) -> Params:
-    """[W1, b1, ..., W_L, b_L] with W (in, out): orthogonal with gain sqrt(2), zero biases; the head's
-    gain is sqrt(2) too (``official``, the OBD code's init_module_weights) or 1e-2 (``corl``). Only the
-    mean half of the tanh-Gaussian head is kept: log-std never enters the MSE on the deterministic
-    action (and the orthogonal rows of the mean half are those of the full head's init)."""
-    dims = (obs_dim, *hidden, act_dim)
-    params: Params = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        gain = HEAD_GAIN[init] if i == len(dims) - 2 else math.sqrt(2)
-        w = torch.empty(b, a)
-        _orthogonal_(w, gain, gen)
-        params += [w.T.contiguous(), torch.zeros(b)]
-    return params
-
-
-def _orthogonal_(w: Tensor, gain: float, gen: torch.Generator) -> None:
-    rows, cols = w.shape
-    flat = torch.randn(max(rows, cols), min(rows, cols), generator=gen)
-    q, r = torch.linalg.qr(flat)
-    q = q * torch.sign(torch.diagonal(r))
-    w.copy_((q if rows >= cols else q.T) * gain)
-
-
-def policy_forward(params: Params, x: Tensor) -> Tensor:
-    """Deterministic action tanh(mu(x)); x (B, obs_dim) -> (B, act_dim)."""
-    h = x
-    n = len(params) // 2
-    for i in range(n):
-        h = torch.addmm(params[2 * i + 1], h, params[2 * i])
-        if i < n - 1:
-            h = torch.relu(h)
-    return torch.tanh(h)
 
 
 def inner_loss(params: Params, states: Tensor, actions: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ import numpy as np
 
 from obd.config import EvalConfig
 from obd.errors import ObdError, cli
+from obd.policy import policy_forward
 
 EvalListener = Callable[[int, float], None]  # (outer step, score of that evaluation)
 
@@ -33,7 +34,7 @@ def init_stacked(n: int, obs_dim: int, act_dim: int, cfg: EvalConfig, seed: int)
     """N independent initial policies, stacked: [W1 (N, in, out), b1 (N, 1, out), ...]."""
     import torch
 
-    from obd.distill import init_policy
+    from obd.policy import init_policy, stack_params
     from obd.seeding import derive_seed
 
     ps = [
@@ -42,20 +43,7 @@ def init_stacked(n: int, obs_dim: int, act_dim: int, cfg: EvalConfig, seed: int)
         )
         for m in range(n)
     ]
-    return [torch.stack([p[i] if i % 2 == 0 else p[i].unsqueeze(0) for p in ps]) for i in range(len(ps[0]))]
-
-
-def stacked_forward(params, x):
-    """tanh(mu(x)) for N stacked policies; x (N, B, obs_dim) -> (N, B, act_dim)."""
-    import torch
-
-    h = x
-    n = len(params) // 2
-    for i in range(n):
-        h = torch.baddbmm(params[2 * i + 1], h, params[2 * i])
-        if i < n - 1:
-            h = torch.relu(h)
-    return torch.tanh(h)
+    return stack_params(ps)
 
 
 def train_stacked(params, states, actions, cfg: EvalConfig):
@@ -71,7 +59,7 @@ def train_stacked(params, states, actions, cfg: EvalConfig):
     with torch.enable_grad():
         for _ in range(cfg.inner_steps):
             opt.zero_grad(set_to_none=True)
-            ((stacked_forward(p, S) - A) ** 2).mean((1, 2)).sum().backward()
+            ((policy_forward(p, S) - A) ** 2).mean((1, 2)).sum().backward()
             opt.step()
     return [q.detach() for q in p]
 
@@ -93,7 +81,7 @@ def evaluate_synthetic(
     p0 = [q.to(dev) for q in init_stacked(cfg.policies, S.shape[1], A.shape[1], cfg, seed)]  # inits drawn on the CPU
     params = train_stacked(p0, S, A, cfg)
     with torch.no_grad():
-        train_mse = ((stacked_forward(params, S.expand(len(params[0]), -1, -1)) - A) ** 2).mean((1, 2))
+        train_mse = ((policy_forward(params, S.expand(len(params[0]), -1, -1)) - A) ** 2).mean((1, 2))
     params = [q.cpu() for q in params]  # rollouts step CPU simulators: the policies act on the CPU
     m, s = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
     n, e = cfg.policies, cfg.episodes
@@ -102,8 +90,8 @@ def evaluate_synthetic(
     def act(obs: np.ndarray) -> np.ndarray:
         x = (torch.from_numpy(obs) - m) / s
         if cfg.ensemble:  # one agent per env, acting with the policies' mean action
-            return stacked_forward(params, x.expand(n, -1, -1)).mean(0).numpy()
-        return stacked_forward(params, x.view(n, e, -1)).reshape(n * e, -1).numpy()
+            return policy_forward(params, x.expand(n, -1, -1)).mean(0).numpy()
+        return policy_forward(params, x.view(n, e, -1)).reshape(n * e, -1).numpy()
 
     rets = one_episode_per_env(task.env_id, act, e if cfg.ensemble else n * e, seed=derive_seed(seed, "eval-envs"))
     scores = task.normalized_score(rets).reshape(1 if cfg.ensemble else n, e)

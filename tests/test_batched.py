@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from obd.batched import outer_grad_batched, outer_grad_runs, stack_params
-from obd.distill import init_policy, outer_grad_fast
+from obd.batched import outer_grad_batched, outer_grad_runs
+from obd.distill import outer_grad_fast
+from obd.policy import init_policy, stack_params
 
 
 def problem(seed: int, n=8, d=5, a=2, hidden=(7, 6), B=30):

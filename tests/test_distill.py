@@ -4,12 +4,12 @@ import torch
 from obd.config import DistillConfig
 from obd.distill import (
     BehaviorDistillation,
-    init_policy,
     outer_grad_fast,
     outer_grad_unrolled,
     outer_loss,
     train_inner,
 )
+from obd.policy import init_policy
 
 
 def tiny_problem(seed=0):

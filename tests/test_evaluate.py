@@ -4,8 +4,9 @@ import torch
 
 from obd.config import EvalConfig
 from obd.data import get_task
-from obd.distill import policy_forward, train_inner
-from obd.evaluate import evaluate_synthetic, init_stacked, stacked_forward, summarize_history, train_stacked
+from obd.distill import train_inner
+from obd.evaluate import evaluate_synthetic, init_stacked, summarize_history, train_stacked
+from obd.policy import policy_forward
 
 
 def test_batched_training_equals_separate_trainings_in_float64():
@@ -21,7 +22,7 @@ def test_batched_training_equals_separate_trainings_in_float64():
         for i, q in enumerate(alone):
             torch.testing.assert_close(batched[i][m] if i % 2 == 0 else batched[i][m, 0], q, rtol=1e-10, atol=1e-12)
     # N distinct policies (different inits), each trained
-    out = stacked_forward(batched, S.expand(4, -1, -1))
+    out = policy_forward(batched, S.expand(4, -1, -1))
     assert not torch.allclose(out[0], out[1])
     assert torch.allclose(out[0], policy_forward([q[0] if i % 2 == 0 else q[0, 0] for i, q in enumerate(batched)], S))
 
