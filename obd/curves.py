@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from obd.errors import ConfigError, ObdError, cli
+from obd.flags import PER_RUN, add_config_flags, config_layer
 
 FLAT_POINTS = 1.0
 
@@ -197,8 +198,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=100, help="evaluation interval (default 100)")
     p.add_argument("--out", default="results/curves", help="default results/curves")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     p.add_argument("--rebuild", action="store_true", help="only rebuild the files from the runs already there")
+    add_config_flags(p, exclude=(*PER_RUN, "outer_steps", "eval_every"))  # e.g. --threads, --start, --alpha
     return p
 
 
@@ -222,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     if not a.rebuild:
         layers = [read_yaml(Path(a.config)) or {}] if a.config else []
-        layers.append({"outer_steps": a.outer_steps, "eval_every": a.eval_every})
-        run_all(tasks, methods, parse_seeds(a.seeds), a.budget, out, a.jobs, layers, threads=a.threads)
+        flags = config_layer(a)
+        layers += [flags, {"outer_steps": a.outer_steps, "eval_every": a.eval_every}]
+        run_all(tasks, methods, parse_seeds(a.seeds), a.budget, out, a.jobs, layers, threads=flags.get("threads", 1))
     rows = build(out, tasks)
     for r in rows:
         print(

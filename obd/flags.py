@@ -102,14 +102,28 @@ def _yaml_value(text: str) -> Any:
     return value
 
 
-def add_config_flags(p: argparse.ArgumentParser) -> None:
-    """``--dotted.key`` for every RunConfig leaf (with its alias where it has one), into dest ``cfg:KEY``."""
+# what a table or a study sets per run itself: not flags of those commands
+PER_RUN = (
+    "data.source",
+    "data.task",
+    "distill.method",
+    "distill.seed",
+    "out",
+    "wandb_group",
+    "wandb_job_type",
+    "wandb_name",
+)
+
+
+def add_config_flags(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """``--dotted.key`` for every RunConfig leaf (with its alias where it has one), into dest ``cfg:KEY``;
+    ``exclude``: keys the command sets itself."""
     alias_of = {v: k for k, v in ALIASES.items()}
     group = p.add_argument_group("configuration (any RunConfig field; see --print-config)")
     for key, tp, default, help_text in leaves():
-        if key in NOT_FLAGS:
+        if key in NOT_FLAGS or key in exclude:
             continue
-        names = [f"--{key}"] + ([f"--{alias_of[key]}"] if key in alias_of else [])
+        names = [f"--{key}"] + ([f"--{alias_of[key]}"] if alias_of.get(key, key) != key else [])
         shown = f"{type_name(tp)}; default {default!r}"
         group.add_argument(
             *names,

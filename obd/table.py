@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from obd.errors import ConfigError, ObdError, cli
+from obd.flags import PER_RUN, add_config_flags, config_layer
 
 log = logging.getLogger("obd.table")
 
@@ -391,10 +392,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML of RunConfig fields applied to every run")
     p.add_argument("--out", default=None, help="default results/BUDGET")
     p.add_argument("--jobs", type=int, default=None, help="runs at once (default: cores, at most 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     p.add_argument("--readme", default=None, help="also fill this file's generated block for OUT (README.md)")
     p.add_argument("--rebuild", action="store_true", help="only rebuild the table from the runs already there")
-    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="for every run (default auto)")
     p.add_argument("--batched", action="store_true", help="each task's distillation runs as one batched computation")
     p.add_argument(
         "--storage",
@@ -403,6 +402,7 @@ def parser() -> argparse.ArgumentParser:
         "of --worker processes take them",
     )
     p.add_argument("--worker", action="store_true", help="with --storage: only run cells (for extra machines)")
+    add_config_flags(p, exclude=PER_RUN)  # every other RunConfig field, for every cell (--threads, --device, ...)
     return p
 
 
@@ -422,11 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.budget not in budget_names():
         raise ConfigError(f"unknown budget {a.budget!r}; choose one of {', '.join(budget_names())}")
     layers = [read_yaml(Path(a.config)) or {}] if a.config else []
-    if a.device:
+    flags = config_layer(a)
+    layers.append(flags)
+    if flags.get("device"):
         from obd.devices import resolve_device
 
-        resolve_device(a.device)
-        layers.append({"device": a.device})
+        resolve_device(flags["device"])
+    a.threads = flags.get("threads")
     out = Path(a.out or f"results/{a.budget}")
     seeds = parse_seeds(a.seeds)
     if a.worker and not a.storage:

@@ -135,3 +135,27 @@ def test_non_editable_install_finds_the_default_study(tmp_path):
         [sys.executable, "-m", "obd.sweep", "--help"], capture_output=True, text=True, cwd=elsewhere, env=env
     )
     assert r.returncode == 0 and "_sweeps/default.yaml" in "".join(r.stdout.split())  # help wraps lines
+
+
+def test_run_settings_of_train_table_and_curves_come_from_the_config_dataclasses():
+    """Every flag that sets a run's config is generated from RunConfig (or is a declared alias); the rest are
+    the command's own (what to run, where to write)."""
+    from obd import curves, table, train
+    from obd.flags import ALIASES, leaves
+
+    generated = {f"--{k}" for k, *_ in leaves()} | {f"--{a}" for a in ALIASES}
+    own = {
+        train: {"--task", "--data", "--force-task", "--budget", "--config", "--resume", "--no-wandb"}
+        | {"--print-config", "--json"},
+        table: {"--tasks", "--methods", "--seeds", "--budget", "--config", "--out", "--jobs", "--readme"}
+        | {"--rebuild", "--batched", "--storage", "--worker"},
+        curves: {"--tasks", "--methods", "--seeds", "--budget", "--config", "--outer-steps", "--eval-every"}
+        | {"--out", "--jobs", "--rebuild"},
+    }
+    for module, mine in own.items():
+        flags = {s for a in module.parser()._actions for s in a.option_strings} - {"-h", "--help"}
+        assert flags - generated <= mine, (module.__name__, sorted(flags - generated - mine))
+    args = table.parser().parse_args(["--start", "kmeans", "--threads", "1", "--distill.outer_lr", "0.02"])
+    from obd.flags import config_layer
+
+    assert config_layer(args) == {"distill": {"start": "kmeans", "outer_lr": 0.02}, "threads": 1}
