@@ -359,6 +359,15 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: not a YAML file ({str(e).splitlines()[0]})") from None
 
 
+def check_choices(methods: typing.Sequence[str], allowed: typing.Sequence[str], budget: str | None = None) -> None:
+    """One line naming what is unknown among ``methods`` (and ``budget``), with the valid choices."""
+    bad = [m for m in methods if m not in allowed]
+    if bad:
+        raise ConfigError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(allowed)}")
+    if budget is not None and budget not in budget_names():
+        raise ConfigError(f"unknown budget {budget!r}; choose one of {', '.join(budget_names())}")
+
+
 def load_budget(name: str) -> dict:
     """The budget's YAML mapping: config keys, plus ``when`` clauses (list of {env?, kind?, method?, set})."""
     path = sweeps_dir() / "budgets" / f"{name}.yaml"

@@ -205,7 +205,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    from obd.config import DISTILL_METHODS, budget_names, read_yaml
+    from obd.config import DISTILL_METHODS, check_choices, read_yaml
     from obd.data import get_task
     from obd.table import NINE, parse_seeds, run_all
     from obd.tracking import setup_logging
@@ -213,11 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     tasks = [get_task(t).name for t in a.tasks.split(",")] if a.tasks else list(NINE)
     methods = a.methods.split(",")
-    bad = [m for m in methods if m not in DISTILL_METHODS]
-    if bad:
-        raise ConfigError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(DISTILL_METHODS)}")
-    if a.budget not in budget_names():
-        raise ConfigError(f"unknown budget {a.budget!r}; choose one of {', '.join(budget_names())}")
+    check_choices(methods, DISTILL_METHODS, a.budget)
     if a.outer_steps < 6 or a.eval_every < 1:
         raise ConfigError("--outer-steps must be >= 6 and --eval-every >= 1 (a plateau needs evaluations)")
     out = Path(a.out)

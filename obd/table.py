@@ -408,7 +408,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    from obd.config import METHODS, budget_names, read_yaml
+    from obd.config import METHODS, check_choices, read_yaml
     from obd.data import get_task
     from obd.evaluate import rescore
     from obd.tracking import setup_logging
@@ -416,11 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     tasks = [get_task(t).name for t in a.tasks.split(",")]
     methods = a.methods.split(",")
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ConfigError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
-    if a.budget not in budget_names():
-        raise ConfigError(f"unknown budget {a.budget!r}; choose one of {', '.join(budget_names())}")
+    check_choices(methods, METHODS, a.budget)
     layers = [read_yaml(Path(a.config)) or {}] if a.config else []
     flags = config_layer(a)
     layers.append(flags)

@@ -157,15 +157,8 @@ def _cells_of(db: str, out) -> list:
     return optuna.load_study(study_name=study_name("smoke", out), storage=db).get_trials(deepcopy=False)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def table_storage(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'table.db'}"
-    return request.getfixturevalue("postgres")
-
-
 @pytest.mark.slow
-def test_table_cells_on_a_storage_survive_a_killed_worker_and_run_once(tmp_path, table_storage):
+def test_table_cells_on_a_storage_survive_a_killed_worker_and_run_once(tmp_path, storage_url):
     """Three processes share a table through an Optuna storage; one worker is killed in a cell: every
     cell finishes exactly once (the killed one retried), and the table is the single-process one."""
     import os
@@ -179,7 +172,7 @@ def test_table_cells_on_a_storage_survive_a_killed_worker_and_run_once(tmp_path,
     slow = {**TINY, "outer_steps": 40, "eval_every": 20, "checkpoint_every": 2}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(slow))
     env = {**os.environ, "OBD_DATA_DIR": str(tmp_path / "data"), "WANDB_MODE": "disabled"}
-    db = table_storage
+    db = storage_url
     args = [sys.executable, "-m", "obd.table", *table_args(tmp_path), "--storage", db]
     main = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     workers = [subprocess.Popen([*args, "--worker"], env=env, cwd=tmp_path) for _ in range(2)]

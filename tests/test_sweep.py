@@ -560,15 +560,8 @@ def test_a_batched_trial_whose_worker_died_is_retried_in_its_own_folder(tmp_path
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def study_storage(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'study.db'}"
-    return request.getfixturevalue("postgres")
-
-
 @pytest.mark.slow
-def test_a_batched_study_survives_a_killed_worker(tmp_path, study_storage):
+def test_a_batched_study_survives_a_killed_worker(tmp_path, storage_url):
     """A --batched study on a shared storage with a worker that is killed in its batch: the dead worker's
     trials go stale through their heartbeats and are retried; the study reaches its target with
     distinct parameter sets and finishes."""
@@ -578,14 +571,14 @@ def test_a_batched_study_survives_a_killed_worker(tmp_path, study_storage):
     fixed = {**STUDY["fixed"], "outer_steps": 40, "eval_every": 20, "wandb": False}
     study = write_study(tmp_path, methods=["avpbc"], trials=4, seeds=1, fixed=fixed, pruner={"n_startup_trials": 10})
     out = tmp_path / "sweep"
-    base = sweep_cmd(study, out, "--storage", study_storage, "--batched", "--batch-trials", "2", "--jobs", "1")
+    base = sweep_cmd(study, out, "--storage", storage_url, "--batched", "--batch-trials", "2", "--jobs", "1")
     victim = subprocess.Popen([*base, "--worker"], env=env(tmp_path), cwd=tmp_path)
     killed: list[int] = []
     deadline = time.time() + 240
     while not killed and time.time() < deadline:
         time.sleep(0.5)
         try:
-            trials = trials_of(out, "avpbc", storage=study_storage)
+            trials = trials_of(out, "avpbc", storage=storage_url)
         except Exception:  # not created yet
             continue
         running = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("out")]
@@ -596,7 +589,7 @@ def test_a_batched_study_survives_a_killed_worker(tmp_path, study_storage):
     assert killed, "the worker never had a batch running"
     main = subprocess.run(base, env=env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert main.returncode == 0, main.stderr[-3000:]
-    trials = trials_of(out, "avpbc", storage=study_storage)
+    trials = trials_of(out, "avpbc", storage=storage_url)
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(done) >= 4 and len({tuple(sorted(t.params.items())) for t in done}) == len(done)
     retried = {t.system_attrs.get("failed_trial") for t in done}
