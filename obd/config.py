@@ -187,7 +187,8 @@ class RunConfig:
         return math.ceil((1 - self.eval_window) * self.outer_steps)
 
     def evaluation_steps(self) -> list[int]:
-        """Outer steps evaluated: every ``eval_every`` (coarse), and the K scored ones at the end."""
+        """Outer steps evaluated: every ``eval_every`` before the scored window (coarse), then the K scored
+        ones, evenly spaced and ending at the last step."""
         T = self.outer_steps
         if self.distill.method in BASELINE_START or T == 0:
             return [0]
@@ -195,7 +196,7 @@ class RunConfig:
         every = self.eval_every or T
         spacing = max(1, min(every, int(self.eval_window * T / (k - 1)))) if k > 1 else every
         scored = [T - j * spacing for j in range(k) if T - j * spacing >= max(1, self.scored_from())]
-        return sorted(set(range(every, T + 1, every)) | set(scored))
+        return sorted({s for s in range(every, T + 1, every) if s < min(scored)} | set(scored))
 
 
 # ------------------------------------------------------------------ checked merging
