@@ -149,6 +149,34 @@ def test_table_plot_with_a_method_not_run_yet(tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 1000
 
 
+def test_table_compares_distillation_with_the_best_set_that_needs_no_outer_loop(tmp_path):
+    from obd.table import build_table
+
+    def run(method: str, seed: int, score: float) -> dict:
+        return {
+            "task": "hopper-medium",
+            "method": method,
+            "seed": seed,
+            "score": score,
+            "wall_seconds": 1.0,
+            "data_hash": "h",
+            "transitions": 10,
+            "behaviour_score": 40.0,
+            "teacher": None,
+            "last_k_used": 5 if method in ("avpbc", "sdw") else 1,
+        }
+
+    scores = {"random": [5, 6, 7], "random-teacher": [8, 9, 10], "kmeans-teacher": [12, 14, 13], "avpbc": [30, 33, 31]}
+    scores["sdw"] = [31, 33, 30]
+    results = {("hopper-medium", m, s): run(m, s, float(v)) for m, vs in scores.items() for s, v in enumerate(vs)}
+    (row,) = build_table(results, ["hopper-medium"], list(scores), "quick", tmp_path)
+    assert row["best_baseline"] == "kmeans-teacher"  # the highest mean of the three
+    assert row["avpbc_minus_best_baseline"] == pytest.approx(18.33, abs=0.01)
+    assert row["avpbc_minus_best_baseline_ci_low"] > 0 and row["scored_evaluations_per_run"] == 5
+    md = (tmp_path / "table.md").read_text()
+    assert "Av-PBC - best no-BPTT set" in md and "vs kmeans-teacher" in md
+
+
 def _cells_of(db: str, out) -> list:
     import optuna
 
