@@ -1,5 +1,6 @@
 """The repository holds source, tests, configs, docs and small final artifacts only."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -107,3 +108,16 @@ def test_no_import_cycle_among_obd_modules():
     cycles = sorted(m for m in graph if reaches(m, m, set()))
     assert not cycles, f"modules on an import cycle: {cycles}"
     assert not any(d.startswith("obd.behavior") for d in graph["obd.data"]), "reading data imports behaviour code"
+
+
+def test_make_dashboard_without_a_study_is_one_line(tmp_path):
+    if not (ROOT / ".venv" / ".installed").is_file() or not shutil.which("make"):
+        pytest.skip("needs the project's .venv (make test builds it) and make")
+    r = subprocess.run(
+        ["make", "-s", "dashboard", "TASK=hopper-random", f"OUT={tmp_path / 'none'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode != 0 and "error: no study at" in r.stderr and "Traceback" not in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1
