@@ -87,7 +87,7 @@ class TeacherConfig:
 
     path: str | None = None  # a teacher file (obd's own, or a CORL checkpoint); None trains TD3+BC
     td3bc: TD3BCConfig = field(default_factory=TD3BCConfig)
-    eval_episodes: int = field(default=10, metadata=_rng(0))  # rollouts that score the teacher
+    eval_episodes: int = field(default=20, metadata=_rng(0))  # rollouts that score the teacher (its s.e. is logged)
 
 
 @dataclass

@@ -245,6 +245,12 @@ def write_report(out: str | Path) -> Path:
         *[f"**Warning:** {w}" + "\n" for w in set_warnings(out, methods)],
         f"Dataset: {s['transitions']:,} transitions, behaviour score {s['behaviour_score']:.1f}. "
         f"Teacher: {teacher.get('kind', '-')} scoring {t_score:.1f}"
+        + (
+            f" +/- {(teacher.get('normalized_return') or {})['se']:.1f} s.e. over "
+            f"{(teacher.get('normalized_return') or {}).get('episodes')} episodes"
+            if (teacher.get("normalized_return") or {}).get("se") is not None
+            else ""
+        )
         + (f" (CORL's TD3+BC on D4RL: {teacher['corl_td3bc_score']})" if teacher.get("corl_td3bc_score") else "")
         if t_score is not None
         else f"Dataset: {s['transitions']:,} transitions, behaviour score {s['behaviour_score']:.1f}.",

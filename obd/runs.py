@@ -61,6 +61,7 @@ def comparable_run(cfg: dict) -> dict:
     for fields added since (it ran with their default), without execution details."""
     full = to_dict(merge(RunConfig(), cfg))
     full["distill"].pop("cuda_graph", None)  # graph replay computes what eager execution does
+    full["teacher"].pop("eval_episodes", None)  # how the teacher is scored, not what the run computes
     return comparable(full)
 
 

@@ -174,6 +174,9 @@ def build_table(
             "transitions": any_run["transitions"],
             "behaviour_score": round(any_run["behaviour_score"], 1),
             "teacher_score": round(((teacher or {}).get("normalized_return") or {}).get("mean", float("nan")), 1),
+            "teacher_se": _teacher_se(teacher),
+            "teacher_episodes": ((teacher or {}).get("normalized_return") or {}).get("episodes"),
+            "corl_td3bc": (teacher or {}).get("corl_td3bc_score"),
             "published_avpbc": PUBLISHED_AVPBC.get(task),
             "published_sdw": PUBLISHED_SDW.get(task),
         }
@@ -242,6 +245,27 @@ def _diff(r: dict, prefix: str) -> str:
     return f"{r[f'{prefix}sdw_minus_avpbc']:+.1f}" + (f" [{lo:+.1f}, {hi:+.1f}]" if lo is not None else "")
 
 
+def _teacher_se(teacher: dict | None) -> float | None:
+    """The standard error of the teacher's score (older runs stored only the std over episodes)."""
+    nr = (teacher or {}).get("normalized_return") or {}
+    if nr.get("se") is not None:
+        return round(nr["se"], 1)
+    n = nr.get("episodes") or 0
+    return round(nr["std"] * (n / (n - 1)) ** 0.5 / n**0.5, 1) if n > 1 and nr.get("std") is not None else None
+
+
+def _teacher_cell(r: dict) -> str:
+    """The teacher's score +/- its s.e. over its episodes, with CORL's TD3+BC on D4RL beside it."""
+    if r.get("teacher_score") in (None, "") or str(r["teacher_score"]) == "nan":
+        return "-"
+    cell = f"{float(r['teacher_score']):.1f}"
+    if r.get("teacher_se") not in (None, ""):
+        cell += f" +/- {float(r['teacher_se']):.1f} ({r.get('teacher_episodes')} ep.)"
+    if r.get("corl_td3bc") not in (None, ""):
+        cell += f", CORL {r['corl_td3bc']}"
+    return cell
+
+
 def _versus_baseline(r: dict, method: str) -> str:
     d = r.get(f"{method}_minus_best_baseline")
     if d is None:
@@ -254,7 +278,7 @@ def markdown(rows: list[dict], methods: list[str]) -> str:
     head = [
         "dataset",
         "data score",
-        "teacher",
+        "teacher (+/- s.e.; CORL's TD3+BC on D4RL)",
         *methods,
         "Av-PBC - best no-BPTT set (paired)",
         "SDW - Av-PBC (paired, 95% t CI)",
@@ -268,7 +292,7 @@ def markdown(rows: list[dict], methods: list[str]) -> str:
         cells = [
             r["task"],
             f"{r['behaviour_score']:.1f}",
-            f"{r['teacher_score']:.1f}",
+            _teacher_cell(r),
             *(_fmt(r[f"{m}_mean"], r[f"{m}_std"]) + f" (n={r[f'{m}_n']})" for m in methods),
             _versus_baseline(r, "avpbc"),
             diff,

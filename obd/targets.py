@@ -240,6 +240,10 @@ def _teacher_stage(
         path = cache / f"teacher-{key}.pt"
         if path.is_file():
             teacher = load_teacher_file(path)
+            measured = (teacher.info.get("normalized_return") or {}).get("episodes", 0)
+            if cfg.eval_episodes > measured:  # a cached teacher scored on fewer episodes than asked now
+                teacher.info["normalized_return"] = _measure_teacher(teacher, t, cfg.eval_episodes)
+                teacher.save(path)
         else:
             partial = cache / f"teacher-{key}.partial.pt"  # resumable training state (interrupts lose minutes)
             teacher = train_td3bc(
@@ -287,7 +291,12 @@ def _measure_teacher(teacher, t: Targets, episodes: int) -> dict | None:
         seed=derive_seed(0, "teacher-eval"),
     )
     scores = t.task.normalized_score(rets)
-    return {"mean": float(scores.mean()), "std": float(scores.std()), "episodes": len(scores)}
+    return {
+        "mean": float(scores.mean()),
+        "std": float(scores.std()),
+        "se": float(scores.std(ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else None,
+        "episodes": len(scores),
+    }
 
 
 def _density_stage(t: Targets, cfg: DensityConfig, cache: Path) -> None:

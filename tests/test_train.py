@@ -474,3 +474,13 @@ def test_wandb_run_carries_the_score_the_outer_step_and_its_place(tmp_path, monk
     w = wandb_records(tmp_path / "wb")
     assert w["run"].job_type == "baseline" and w["summary"]["score"] == pytest.approx(b["score"])
     assert not list((tmp_path / "b").glob("**/offline-run-*"))
+
+
+def test_a_cached_teacher_is_scored_again_when_more_episodes_are_asked(tmp_path):
+    cfg = tiny_cfg(tmp_path, teacher={"eval_episodes": 1})
+    first = prepare_targets(cfg, "pbc", show_progress=False).teacher_info["normalized_return"]
+    assert first["episodes"] == 1 and first["se"] is None
+    more = prepare_targets(tiny_cfg(tmp_path, teacher={"eval_episodes": 3}), "pbc", show_progress=False)
+    again = more.teacher_info["normalized_return"]
+    assert again["episodes"] == 3 and again["se"] is not None  # the same cached teacher, scored on 3 episodes
+    assert more.teacher_info["key"] == prepare_targets(cfg, "pbc", show_progress=False).teacher_info["key"]
