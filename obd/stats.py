@@ -58,7 +58,7 @@ def verdict(c: dict) -> str:
     return "no evidence of a difference: the interval spans zero" + few
 
 
-def compare_results(a_dir: str, b_dir: str) -> list[dict]:
+def compare_results(a_dir: str, b_dir: str, steps: tuple[int, ...] = ()) -> list[dict]:
     """Runs of two result folders (``OUT/runs/TASK/METHOD-sSEED/metrics.json``, as ``obd.table`` writes)
     paired by (task, method, seed): A - B of the last-K score and of the final evaluation.
 
@@ -93,9 +93,18 @@ def compare_results(a_dir: str, b_dir: str) -> list[dict]:
         if not seeds:
             continue
         row: dict = {"task": key[0], "method": key[1] or f"{a_method} - {b_method}"}
-        for what in ("score", "final_score"):
-            sa = {s: float(a[key][s][what]) for s in seeds}
-            sb = {s: float(b[key][s][what]) for s in seeds}
+        for what in ("score", "final_score", *(f"step {t}" for t in steps)):
+
+            def value(m: dict, what: str = what) -> float:
+                if not what.startswith("step "):
+                    return float(m[what])
+                at = {h["step"]: h["score"] for h in m.get("history") or []}
+                if int(what[5:]) not in at:
+                    raise ObdError(f"{m['task']} {m['method']} seed {m['seed']}: no evaluation at outer {what}")
+                return float(at[int(what[5:])])
+
+            sa = {s: value(a[key][s]) for s in seeds}
+            sb = {s: value(b[key][s]) for s in seeds}
             row[what] = {"a_mean": float(np.mean(list(sa.values()))), "b_mean": float(np.mean(list(sb.values())))}
             row[what] |= paired_comparison(sa, sb)
         rows.append(row)
@@ -111,14 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("a", help="a results folder (OUT of obd.table), or FOLDER:METHOD")
     p.add_argument("b", help="another one (FOLDER:METHOD when A names a method)")
+    p.add_argument("--steps", default="", help="also compare the evaluations at these outer steps, e.g. 100,200")
     args = p.parse_args(argv)
-    rows = compare_results(args.a, args.b)
+    try:
+        steps = tuple(int(x) for x in args.steps.split(",") if x)
+    except ValueError:
+        from obd.errors import ConfigError
+
+        raise ConfigError(f"--steps: expected outer steps like 100,200, got {args.steps!r}") from None
+    rows = compare_results(args.a, args.b, steps)
     if not rows:
         from obd.errors import ObdError
 
         raise ObdError(f"{args.a} and {args.b} share no (task, method) with runs/*/*/metrics.json")
     for r in rows:
-        for what, label in (("score", "last-K score"), ("final_score", "final evaluation")):
+        labels = [("score", "score"), ("final_score", "final evaluation")] + [(f"step {t}", f"step {t}") for t in steps]
+        for what, label in labels:
             c = r[what]
             ci = c.get("paired_t_ci")
             print(

@@ -71,3 +71,20 @@ def test_compare_two_result_folders_pairs_by_task_method_and_seed(tmp_path, caps
     assert rows[0]["score"]["n_pairs"] == 1 and rows[0]["score"]["mean_difference"] == 1.0 - 30.0
     with pytest.raises(Exception, match="on both sides"):
         compare_results(f"{tmp_path / 'a'}:sdw", str(tmp_path / "b"))
+
+
+def test_compare_the_evaluations_at_an_outer_step(tmp_path, capsys):
+    import json
+
+    from obd.stats import main
+
+    for folder, shift in (("a", 2.0), ("b", 0.0)):
+        for seed in range(3):
+            d = tmp_path / folder / "runs" / "hopper-medium" / f"avpbc-s{seed}"
+            d.mkdir(parents=True)
+            hist = [{"step": 100, "score": 10.0 + seed + shift}, {"step": 200, "score": 30.0 + seed}]
+            m = {"task": "hopper-medium", "method": "avpbc", "seed": seed, "score": 30.0, "final_score": 30.0}
+            (d / "metrics.json").write_text(json.dumps({**m, "history": hist, "outer_steps": 200, "last_k": 5}))
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--steps", "100,200"]) == 0
+    out = capsys.readouterr().out
+    assert "step 100: A 13.0, B 11.0, A - B +2.0" in out and "step 200: A 31.0, B 31.0, A - B +0.0" in out
