@@ -18,14 +18,16 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from obd.bptt import Workspace, outer_grad, outer_grad_one
 from obd.config import DensityConfig
 from obd.density import density_weights
-from obd.distill import outer_grad_fast, outer_grad_unrolled
+from obd.distill import outer_grad_unrolled
 from obd.nets import TanhGaussianActor, mlp
 from obd.policy import init_policy, policy_forward
 from obd.rollout import evaluate_episodes
@@ -52,10 +54,11 @@ def bench_outer(repeat: int) -> dict:
     a, b = torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g)
     # the exact gradient's FLOP floor: 18 products of 256^3 per inner step, nothing else
     out = {"gemm_floor_s": _time(lambda: [torch.mm(a, b) for _ in range(18 * 100)], repeat)}
+    ws = Workspace()
     for name, w in (("avpbc", q_w), ("sdw", sdw_w)):
         # interleaved, so that drifts in this VM's speed hit both paths alike
         fast, ref = _time_pair(
-            lambda w=w: outer_grad_fast(S, A, p0, obs, target, w, 100, 0.1),
+            lambda w=w: outer_grad_one(S, A, p0, obs, target, w, 100, 0.1, workspace=ws),
             lambda w=w: outer_grad_unrolled(S, A, p0, obs, target, w, 100, 0.1),
             repeat,
         )
@@ -66,10 +69,10 @@ def bench_outer(repeat: int) -> dict:
             return outer_grad_unrolled(S, A, p0, obs, target, q_w, 100, 0.1)
 
     out["avpbc_bf16_s"] = _time(bf16, repeat)
-    exact = outer_grad_fast(
+    exact = outer_grad_one(
         S.double(), A.double(), [q.double() for q in p0], obs.double(), target.double(), q_w.double(), 100, 0.1
     )
-    for name, got in (("fp32", outer_grad_fast(S, A, p0, obs, target, q_w, 100, 0.1)), ("bf16", bf16())):
+    for name, got in (("fp32", outer_grad_one(S, A, p0, obs, target, q_w, 100, 0.1, workspace=ws)), ("bf16", bf16())):
         out[f"{name}_grad_rel_err"] = float((got[1].double() - exact[1]).norm() / exact[1].norm())
     return out
 
@@ -172,57 +175,31 @@ def _published_batch(device: torch.device, k: int) -> tuple:
     p0 = [q.to(device) for q in stack_params([init_policy(17, 6, (256, 256, 256), g) for _ in range(k)])]
     obs, tgt = torch.randn(k, 2560, 17, generator=g).to(device), torch.rand(k, 2560, 6, generator=g).to(device)
     w = torch.rand(k, 2560, generator=g).to(device)
-    return S, A, p0, obs, tgt, w, torch.full((k,), 100), torch.full((k,), 0.1)
+    return S, A, p0, obs, tgt, w, (100,) * k, (0.1,) * k
 
 
-def bench_batched(
-    device: torch.device, ks: tuple[int, ...] = (1, 8, 32), repeat: int = 2, engine: str = "auto"
-) -> dict[str, float]:
-    """Seconds per run per outer iteration (published sizes) when K runs advance together, by the engine
-    the runs use (``auto``: a loop of single-run passes on CPU, batched bmm as a CUDA graph on CUDA) or
-    by ``bmm`` (eager, any device)."""
-    from obd.batched import outer_grad_batched, outer_grad_runs
-
+def bench_runs(device: torch.device, ks: tuple[int, ...] = (1, 8), repeat: int = 2, graph: bool = True) -> dict:
+    """Seconds per run per outer iteration (published sizes) when K runs advance together through the one
+    BPTT kernel as the engine calls it (its workspace kept; on CUDA captured as a graph unless ``graph``
+    is False)."""
     out: dict[str, float] = {}
     for k in ks:
         args = _published_batch(device, k)
-        graphed = None
-        if engine == "auto" and device.type == "cuda":
+        ws = Workspace()
+        fn: Any = outer_grad
+        if graph and device.type == "cuda":
             from obd.cuda_graphs import Graphed
 
-            graphed = Graphed(outer_grad_batched)
+            fn = Graphed(outer_grad, keepalive=lambda: ws)  # noqa: B023 (used within this iteration)
 
-        def step(args: tuple = args, graphed=graphed) -> None:
-            S, A, p0, obs, tgt, w, steps, lr = args
-            outer_grad_runs(S, A, p0, obs, tgt, w, steps, lr, engine=engine, graphed=graphed)
+        def step(args: tuple = args, fn: Any = fn, ws: Workspace = ws) -> None:
+            fn(*args, workspace=ws)
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
         out[str(k)] = _time(step, max(1, repeat if k < 32 else 1)) / k
-        print(
-            f"  K = {k:>2} runs together on {device.type} ({engine}): {out[str(k)]:.3f} s per run per outer iteration",
-            flush=True,
-        )
-    return out
-
-
-def bench_single_cuda(repeat: int = 5) -> dict[str, float]:
-    """One run's outer iteration on CUDA at the published sizes: eager vs captured as a CUDA graph."""
-    from obd.cuda_graphs import Graphed
-    from obd.distill import _Tape
-
-    S, A, p0, obs, tgt, w, _, _ = _published_batch(torch.device("cuda"), 1)
-    args = (S[0], A[0], [q[0] if i % 2 == 0 else q[0, 0] for i, q in enumerate(p0)], obs[0], tgt[0], w[0], 100, 0.1)
-    graphed = Graphed(outer_grad_fast, keepalive=lambda: _Tape._cached)
-    out = {}
-    for name, fn in (("eager", outer_grad_fast), ("graph", graphed)):
-
-        def step(fn=fn) -> None:
-            fn(*args)
-            torch.cuda.synchronize()
-
-        out[name] = _time(step, repeat)
-        print(f"  single run on cuda ({name}): {out[name] * 1e3:.1f} ms per outer iteration", flush=True)
+        how = "graph" if fn is not outer_grad else "eager"
+        print(f"  K = {k:>2} runs together on {device.type} ({how}): {out[str(k)]:.3f} s per run per outer iteration")
     return out
 
 
@@ -320,16 +297,23 @@ def main(argv: list[str] | None = None) -> int:
         choices=("auto", "cpu", "cuda"),
         help="auto: every available device (cpu, and cuda when present)",
     )
-    p.add_argument("--batched-k", default="1,8,32", help="run counts for the batched figures (default 1,8,32)")
+    p.add_argument("--runs-k", default="1,8", help="run counts K for the K-runs figures (default 1,8)")
     p.add_argument("--cells-workers", default="1,2,4", help="process counts for the table-cells figure (default 1,2,4)")
-    p.add_argument("--only-cells", action="store_true", help="only the table-cells figure")
+    p.add_argument("--only", choices=("runs", "cells"), help="only the K-runs figures, or only the table-cells figure")
     a = p.parse_args(argv)
-    if a.only_cells:
-        cells = bench_cells(tuple(int(w) for w in a.cells_workers.split(",")))
-        Path(a.out).write_text(json.dumps({"table_cells_per_minute": cells}, indent=1))
+    torch.set_num_threads(a.threads)
+    ks = tuple(int(k) for k in a.runs_k.split(","))
+    if a.only:
+        from obd.devices import resolve_device
+
+        only: dict = (
+            {"outer_iter_per_run_s": {"cpu": bench_runs(resolve_device("cpu"), ks, a.repeat)}}
+            if a.only == "runs"
+            else {"table_cells_per_minute": bench_cells(tuple(int(w) for w in a.cells_workers.split(",")))}
+        )
+        Path(a.out).write_text(json.dumps(only, indent=1))
         print(f"wrote {a.out}")
         return 0
-    torch.set_num_threads(a.threads)
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{a.threads} threads"
@@ -366,10 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     from obd.devices import resolve_device
 
-    ks = tuple(int(k) for k in a.batched_k.split(","))
-    per_run = {d: bench_batched(resolve_device(d), ks, a.repeat) for d in devices}
-    per_run_bmm = {d: bench_batched(resolve_device(d), ks, a.repeat, engine="bmm") for d in devices}
-    single_cuda = bench_single_cuda(a.repeat) if "cuda" in devices else None
+    per_run = {d: bench_runs(resolve_device(d), ks, a.repeat) for d in devices}
+    eager_cuda = bench_runs(resolve_device("cuda"), ks, a.repeat, graph=False) if "cuda" in devices else None
     ev_b, ev_s = bench_eval_training(a.repeat)
     print(
         f"evaluation learner, 10 policies x 100 SGD steps: batched {ev_b:.2f} s, one at a time {ev_s:.2f} s", flush=True
@@ -395,8 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         "sac_updates_per_s": sac,
         "sac_reference_updates_per_s": sac_ref,
         "outer_iter_per_run_s": per_run,
-        "outer_iter_per_run_bmm_eager_s": per_run_bmm,
-        **({"outer_iter_single_cuda_s": single_cuda} if single_cuda else {}),
+        **({"outer_iter_per_run_cuda_eager_s": eager_cuda} if eager_cuda else {}),
         "eval_train_10_batched_s": ev_b,
         "eval_train_10_sequential_s": ev_s,
         "train_help_s": help_s,

@@ -11,7 +11,9 @@ never recomputed), then writes from their histories only:
 - ``OUT/TASK.png``: score against outer step and against distillation CPU minutes, mean +/- s.e.
   over seeds, the published Av-PBC as a reference line.
 
-Definitions (T = the runs' outer steps; every number is over the seeds, each seed's curve first):
+Definitions (T = the runs' outer steps, the shortest seed's where they differ: at a constant learning
+rate a longer run's first T steps are the run of T steps; every number is over the seeds, each seed's
+curve first):
 
 - plateau score: each seed's mean score over its evaluations in the last third (steps >= 2T/3);
 - change over the last third: per seed, the mean over [5T/6, T] minus the mean over [2T/3, 5T/6);
@@ -120,9 +122,14 @@ def build(out: Path, tasks: list[str] | None = None) -> list[dict]:
                 for st, s, c in curves[seed]
             ]
         lengths = {m["outer_steps"] for m in seeds.values()}
-        if len(lengths) > 1:
-            raise ObdError(f"{out / 'runs' / task}: {method} runs of different lengths {sorted(lengths)}")
-        rows.append({"task": task, "method": method, **plateau(curves, lengths.pop())})
+        if len(lengths) > 1 and any(
+            m["config"]["distill"].get("outer_lr_schedule") == "cosine" for m in seeds.values()
+        ):
+            raise ObdError(f"{out / 'runs' / task}: {method} runs of different lengths {sorted(lengths)} with a decay")
+        # at a constant learning rate a longer run's first T steps are the run of T steps: the common horizon
+        T = min(lengths)
+        common = {seed: [x for x in c if x[0] <= T] for seed, c in curves.items()}
+        rows.append({"task": task, "method": method, **plateau(common, T)})
     _write_csv(out / "curves.csv", curve_rows)
     _write_csv(out / "plateau.csv", rows)
     for task in sorted({r["task"] for r in rows}):

@@ -1,9 +1,10 @@
-"""OBDDataModule: the outer batches of distillation, read from the prepared :class:`obd.targets.Targets`.
+"""OBDDataModule: the outer batches of K distillation runs on one dataset, read from :class:`obd.targets.Targets`.
 
-A batch is ``(obs, target, weight)`` of ``batch_size x test_batches`` random real states (with
-replacement), with the method's target and weight (see :meth:`Targets.targets_and_weights`).
-The batch of outer step t is a function of (seed, t) only, so a resumed run sees exactly the
-batches it would have seen without the interruption. No training or estimation happens here.
+Run k's batch is ``(obs, target, weight)`` of ``batch_size x test_batches`` random real states (with
+replacement), with its method's target and weight (see :meth:`Targets.targets_and_weights`). The batch
+of run k at its outer step t is a function of (seed_k, t) only, so a resumed run sees exactly the
+batches it would have seen without the interruption, whichever runs it shares the engine with. No
+training or estimation happens here.
 """
 
 from __future__ import annotations
@@ -19,57 +20,72 @@ from obd.seeding import derive_seed
 from obd.targets import Targets
 
 
-class StepBatches(IterableDataset):
-    """Endless batches of ``n`` random rows; the batch of outer step t is drawn from seed (seed, t).
+class StepBatches:
+    """One run's batches: ``n`` random rows of ``tensors``, the batch of outer step t drawn from seed (seed, t)."""
 
-    Iteration starts at ``start()``, read when iteration begins (after a checkpoint is restored)."""
-
-    def __init__(self, tensors: tuple[torch.Tensor, ...], n: int, seed: int, start: Callable[[], int] = lambda: 0):
-        self.tensors, self.n, self.seed, self.start = tensors, n, seed, start
+    def __init__(self, tensors: tuple[torch.Tensor, ...], n: int, seed: int):
+        self.tensors, self.n, self.seed = tensors, n, seed
 
     def batch(self, step: int) -> tuple[torch.Tensor, ...]:
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "outer-batch", step))
         idx = torch.randint(0, self.tensors[0].shape[0], (self.n,), generator=gen).to(self.tensors[0].device)
         return tuple(t[idx] for t in self.tensors)
 
+
+Position = tuple[int, int, int]  # (run index, its next outer step, its last outer step)
+
+
+class _Together(IterableDataset):
+    """Per engine iteration, the stacked batches of the runs still going: (run indices (K,), their steps
+    (K,), obs (K, B, d), target (K, B, a), weight (K, B)). The positions are read once, when iteration
+    begins, and advanced here, so a batch fetched ahead of its step is still the right one."""
+
+    def __init__(self, runs: list[StepBatches], positions: Callable[[], list[Position]]):
+        self.runs, self.positions = runs, positions
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        step = self.start()
-        while True:
-            yield self.batch(step)
-            step += 1
+        at = {k: (step, last) for k, step, last in self.positions()}
+        while at:
+            idx = sorted(at)
+            parts = [self.runs[k].batch(at[k][0]) for k in idx]
+            yield (
+                torch.tensor(idx),
+                torch.tensor([at[k][0] for k in idx]),
+                *(torch.stack(x) for x in zip(*parts)),
+            )
+            at = {k: (s + 1, last) for k, (s, last) in at.items() if s + 1 < last}
 
 
 class OBDDataModule(pl.LightningDataModule):
-    def __init__(
+    """The real data on ``device`` once (states, and each method's targets and weights once); a run added
+    by :meth:`add_run` gets its own batch stream; the train dataloader yields the runs' batches together,
+    from the positions ``positions()`` gives (all runs from step 0 unless the engine sets it)."""
+
+    def __init__(self, targets: Targets, device: torch.device | None = None):
+        super().__init__()
+        self.targets = targets
+        self.device = device or torch.device("cpu")
+        # the real data moves to the device once; each outer step sends only its batches' indices
+        self.obs = targets.obs.to(self.device)
+        self._columns: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.runs: list[StepBatches] = []
+        self.positions: Callable[[], list[Position]] = lambda: []
+
+    def add_run(
         self,
-        targets: Targets,
         method: str,
         beta: float,
         density: DensityConfig,
         batch_size: int = 256,
         test_batches: int = 10,
         seed: int = 0,
-        device: torch.device | None = None,
-    ):
-        super().__init__()
-        self.targets, self.method = targets, method
-        self.device = device or torch.device("cpu")
-        target, weight = targets.targets_and_weights(method, beta, density)
-        # the real data moves to the device once; each outer step sends only its batch's indices
-        self.obs, self.target, self.weight = (x.to(self.device) for x in (targets.obs, target, weight))
-        self.batch_size, self.test_batches, self.seed = batch_size, test_batches, seed
-
-    def _start(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.global_step) if trainer is not None else 0
-
-    def batches(self) -> StepBatches:
-        return StepBatches(
-            (self.obs, self.target, self.weight),
-            self.batch_size * self.test_batches,
-            self.seed,
-            start=self._start,
-        )
+    ) -> StepBatches:
+        key = (method, beta, repr(density))
+        if key not in self._columns:
+            target, weight = self.targets.targets_and_weights(method, beta, density)
+            self._columns[key] = (target.to(self.device), weight.to(self.device))
+        self.runs.append(StepBatches((self.obs, *self._columns[key]), batch_size * test_batches, seed))
+        return self.runs[-1]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.batches(), batch_size=None, num_workers=0)
+        return DataLoader(_Together(self.runs, self.positions), batch_size=None, num_workers=0)

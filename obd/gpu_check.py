@@ -31,13 +31,12 @@ def main() -> int:
     tests = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "--timeout", "300"], capture_output=True, text=True
     )
-    from obd.bench import bench_batched, bench_single_cuda
+    from obd.bench import bench_runs
     from obd.devices import resolve_device
 
     cuda = resolve_device("cuda")
-    single = bench_single_cuda(repeat=5)
-    figures = bench_batched(cuda, (1, 8, 16, 32), repeat=3)
-    eager = bench_batched(cuda, (16,), repeat=3, engine="bmm")
+    figures = bench_runs(cuda, (1, 8, 16, 32), repeat=3)
+    eager = bench_runs(cuda, (1, 16), repeat=3, graph=False)
     tail = tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else tests.stderr[-300:]
     print(
         json.dumps(
@@ -46,9 +45,8 @@ def main() -> int:
                 "device": torch.cuda.get_device_name(0),
                 "torch": torch.__version__,
                 "tests": tail,
-                "outer_iter_single_cuda_s": single,
                 "outer_iter_per_run_s": {"cuda": figures},
-                "outer_iter_per_run_bmm_eager_s": {"cuda": eager},
+                "outer_iter_per_run_eager_s": {"cuda": eager},
                 "seconds": round(time.time() - t0, 1),
             }
         )

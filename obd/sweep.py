@@ -332,7 +332,7 @@ class Sweep:
         self.show_progress = show_progress
         self.jobs = max(1, jobs)
         # batched: trials asked batch_trials at a time and each method's finals (all seeds) advance
-        # together in the batched engine (obd.batched)
+        # together through one engine (obd.engine)
         self.batched, self.batch_trials = batched, max(1, batch_trials)
         self.data_hash: str | None = None  # set by prepare(): the dataset every trial and final runs on
         # runs in parallel share the cores: one torch thread each when several run at once
@@ -473,12 +473,12 @@ class Sweep:
         return study
 
     def _optimize_batched(self, study: optuna.Study, method: str, target: int, n_done, progress) -> None:
-        """Ask-and-tell: ``batch_trials`` trials at a time advance as one batch (obd.batched.advance_batched);
+        """Ask-and-tell: ``batch_trials`` trials at a time advance together (:func:`obd.engine.run_many`);
         each reports its evaluations to Optuna and a trial the pruner stops is dropped from the batch. The
         batch's trials heartbeat through the storage; a trial whose worker died (its heartbeat stale, on
         any machine) is failed and retried with the same parameters and run folder, so it resumes from its
         checkpoint when that folder is shared."""
-        from obd.batched import advance_batched
+        from obd.engine import run_many
 
         while n_done() < target:
             beat_orphans(study)
@@ -509,7 +509,7 @@ class Sweep:
                 continue
             try:
                 with Heartbeat(self.storage, [t._trial_id for t in trials]):
-                    results = advance_batched(cfgs, listeners, show_progress=self.show_progress)
+                    results = run_many(cfgs, listeners, show_progress=self.show_progress)
             except Exception:
                 for trial in trials:
                     study.tell(trial, state=TrialState.FAIL)
@@ -612,10 +612,13 @@ class Sweep:
         mine = {seed: c for seed, c in todo.items() if seed not in elsewhere}
         try:
             if self.batched and method in DISTILL_METHODS and mine:
-                from obd.batched import run_batched
+                from obd.engine import run_many
 
-                done = run_batched([merge(RunConfig(), c) for c in mine.values()], show_progress=self.show_progress)
-                results.update(zip(mine, done))
+                done = run_many([merge(RunConfig(), c) for c in mine.values()], show_progress=self.show_progress)
+                for seed, m in zip(mine, done):
+                    if isinstance(m, Exception):
+                        raise m
+                    results[seed] = m
             else:
                 results.update(run_configs(mine, self.jobs, f"{method} finals", self.show_progress))
             for seed in elsewhere:

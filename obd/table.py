@@ -133,15 +133,17 @@ def run_all(
         teacher_first = ("sdw", "avpbc", "pbc", "random-teacher", "kmeans-teacher", "dbc")
         method = next((m for m in teacher_first if m in needs), "dbc")
         prepare_targets(build_config(budget, [*layers, {"data": {"source": task}}]), method)
-    if batched:  # every distillation run of a task in one batched computation (obd.batched)
-        from obd.batched import run_batched
-        from obd.config import BASELINE_START, RunConfig, merge
+    if batched:  # every run of a task advanced together by one engine (obd.engine)
+        from obd.config import RunConfig, merge
+        from obd.engine import run_many
 
         for task in sorted({k[0] for k in todo}):
-            keys = [k for k in todo if k[0] == task and k[1] not in BASELINE_START]
-            if keys:
-                done = run_batched([merge(RunConfig(), todo.pop(k)) for k in keys])
-                results.update(zip(keys, done))
+            keys = [k for k in todo if k[0] == task]
+            done = run_many([merge(RunConfig(), todo.pop(k)) for k in keys])
+            for k, res in zip(keys, done):
+                if isinstance(res, Exception):
+                    raise res
+                results[k] = res
     results.update(run_configs(todo, jobs))
     return results
 

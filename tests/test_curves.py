@@ -62,3 +62,31 @@ def test_build_writes_the_tables_and_one_figure_per_dataset(tmp_path):
     lines = (tmp_path / "curves.csv").read_text().splitlines()
     assert lines[0].startswith("task,method,seed,step,score,distill_cpu_s") and len(lines) == 1 + 2 * 2 * 12
     assert "steps_to_plateau" in (tmp_path / "plateau.csv").read_text()
+
+
+def test_seeds_of_different_lengths_are_read_on_their_common_horizon(tmp_path):
+    """At a constant learning rate a 1200-step seed's first 600 steps are the 600-step run: the plateau is
+    taken over the shortest seed's last third; with a decaying rate mixing lengths is an error."""
+    from obd.errors import ObdError
+
+    def write(seed: int, T: int, schedule: str) -> None:
+        c = curve(lambda s: 30.0 if s <= 600 else 50.0, seed, steps=range(100, T + 1, 100))
+        m = {
+            "task": "hopper-medium",
+            "method": "avpbc",
+            "seed": seed,
+            "outer_steps": T,
+            "config": {"distill": {"outer_lr_schedule": schedule}},
+            "history": [{"step": st, "score": sc, "cpu_seconds": cpu, "eval_cpu_seconds": 0.0} for st, sc, cpu in c],
+        }
+        d = tmp_path / "runs" / "hopper-medium" / f"avpbc-s{seed}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "metrics.json").write_text(json.dumps(m))
+
+    write(0, 1200, "constant")
+    write(1, 600, "constant")
+    (row,) = build(tmp_path)
+    assert row["outer_steps"] == 600 and row["plateau_score"] == pytest.approx(30, abs=1)
+    write(1, 600, "cosine")
+    with pytest.raises(ObdError, match="different lengths"):
+        build(tmp_path)

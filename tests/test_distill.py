@@ -1,14 +1,10 @@
 import pytest
 import torch
 
+from obd.bptt import outer_grad_one
 from obd.config import DistillConfig
-from obd.distill import (
-    BehaviorDistillation,
-    outer_grad_fast,
-    outer_grad_unrolled,
-    outer_loss,
-    train_inner,
-)
+from obd.distill import outer_grad_unrolled, outer_loss, train_inner
+from obd.engine import fresh_policy, outer_gradients
 from obd.policy import init_policy
 
 
@@ -24,7 +20,7 @@ def tiny_problem(seed=0):
     return S, A, p0, obs, target, weight
 
 
-@pytest.mark.parametrize("fn", [outer_grad_unrolled, outer_grad_fast])
+@pytest.mark.parametrize("fn", [outer_grad_unrolled, outer_grad_one])
 def test_outer_gradient_matches_finite_differences(fn):
     S, A, p0, obs, target, weight = tiny_problem()
     steps, lr = 5, 0.5
@@ -48,15 +44,15 @@ def test_outer_gradient_matches_finite_differences(fn):
         assert float(gA[i, j]) == pytest.approx(float(fd), rel=1e-5, abs=1e-10)
 
 
-def test_fast_equals_unrolled_and_truncation():
+def test_hand_derived_bptt_equals_the_autograd_unroll_and_truncation_drops_early_steps():
     S, A, p0, obs, target, weight = tiny_problem(1)
     _, gS1, gA1 = outer_grad_unrolled(S, A, p0, obs, target, weight, 7, 0.3)
-    _, gS2, gA2 = outer_grad_fast(S, A, p0, obs, target, weight, 7, 0.3)
+    _, gS2, gA2 = outer_grad_one(S, A, p0, obs, target, weight, 7, 0.3)
     torch.testing.assert_close(gS1, gS2, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(gA1, gA2, rtol=1e-10, atol=1e-14)
-    _, gS3, _ = outer_grad_fast(S, A, p0, obs, target, weight, 7, 0.3, truncate=7)
+    _, gS3, _ = outer_grad_one(S, A, p0, obs, target, weight, 7, 0.3, truncate=7)
     torch.testing.assert_close(gS3, gS2)
-    _, gS4, _ = outer_grad_fast(S, A, p0, obs, target, weight, 7, 0.3, truncate=2)
+    _, gS4, _ = outer_grad_one(S, A, p0, obs, target, weight, 7, 0.3, truncate=2)
     assert not torch.allclose(gS4, gS2)  # truncation drops the early steps' contributions
 
 
@@ -66,7 +62,7 @@ def test_float32_published_shapes_agree():
     p0 = init_policy(17, 6, (64, 64, 64), g, init="corl")  # float32 agrees tightly with the small head
     obs, target, w = torch.randn(128, 17, generator=g), torch.rand(128, 6, generator=g), torch.rand(128, generator=g)
     _, a1, b1 = outer_grad_unrolled(S, A, p0, obs, target, w, 20, 0.1)
-    _, a2, b2 = outer_grad_fast(S, A, p0, obs, target, w, 20, 0.1)
+    _, a2, b2 = outer_grad_one(S, A, p0, obs, target, w, 20, 0.1)
     torch.testing.assert_close(a1, a2, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(b1, b2, rtol=1e-4, atol=1e-7)
 
@@ -83,9 +79,9 @@ def test_init_is_orthogonal_and_seeded():
     small = init_policy(17, 6, (256, 256, 256), torch.Generator().manual_seed(3), init="corl")[-2]
     torch.testing.assert_close(small.T @ small, 1e-4 * torch.eye(6), atol=1e-8, rtol=0)
     assert DistillConfig().init == "official"
-    m = BehaviorDistillation(DistillConfig(seed=5, hidden=(8,)), torch.zeros(4, 3), torch.zeros(4, 2))
-    assert all(torch.equal(a, b) for a, b in zip(m.fresh_policy(10), m.fresh_policy(10)))
-    assert not torch.equal(m.fresh_policy(10)[0], m.fresh_policy(11)[0])
+    cfg = DistillConfig(seed=5, hidden=(8,))
+    assert all(torch.equal(a, b) for a, b in zip(fresh_policy(cfg, 3, 2, 10), fresh_policy(cfg, 3, 2, 10)))
+    assert not torch.equal(fresh_policy(cfg, 3, 2, 10)[0], fresh_policy(cfg, 3, 2, 11)[0])
 
 
 def test_bf16_inner_products_stay_close_to_float32():
@@ -100,8 +96,8 @@ def test_bf16_inner_products_stay_close_to_float32():
     )
     grads = {}
     for prec in ("float32", "bfloat16"):
-        m = BehaviorDistillation(DistillConfig(hidden=(32, 32), inner_steps=5, inner_precision=prec), S, A)
-        _, gS, gA = m.outer_gradient(obs, target, w, step=0)
+        cfg = DistillConfig(hidden=(32, 32), inner_steps=5, inner_precision=prec)
+        _, gS, gA = outer_gradients([cfg], S[None], A[None], obs[None], target[None], w[None], [0])
         assert gS.dtype == torch.float32 and gA.dtype == torch.float32
         grads[prec] = torch.cat([gS.flatten(), gA.flatten()])
     rel = float((grads["bfloat16"] - grads["float32"]).norm() / grads["float32"].norm())

@@ -527,7 +527,7 @@ def test_curves_figure_shows_baselines_as_reference_lines_and_names_the_budget(t
 def test_a_batched_trial_whose_worker_died_is_retried_in_its_own_folder(tmp_path, monkeypatch):
     import time
 
-    import obd.batched
+    import obd.engine
     import obd.sweep
     from obd.sweep import Heartbeat, Sweep
 
@@ -539,7 +539,7 @@ def test_a_batched_trial_whose_worker_died_is_retried_in_its_own_folder(tmp_path
         batches.append([c.out for c in cfgs])
         return [{"score": 1.0, "history": [{"step": 4, "score": 1.0}]} for _ in cfgs]
 
-    monkeypatch.setattr(obd.batched, "advance_batched", fake_advance)
+    monkeypatch.setattr(obd.engine, "run_many", fake_advance)
     spec = load_study(write_study(tmp_path, trials=2), "hopper-random")
     sweep = Sweep("hopper-random", spec, tmp_path / "s", None, show_progress=False, batched=True, batch_trials=2)
     study = sweep.study("avpbc")

@@ -9,7 +9,7 @@ import torch
 
 from obd.config import DensityConfig, DistillConfig, RunConfig, build_config, merge
 from obd.datamodule import OBDDataModule
-from obd.distill import BehaviorDistillation
+from obd.engine import CHECKPOINT, outer_gradients
 from obd.errors import ConfigError
 from obd.starts import initial_set
 from obd.targets import prepare_targets
@@ -50,11 +50,11 @@ def test_sdw_alpha_zero_equals_avpbc(tmp_path):
     # same batch stream, same synthetic init -> identical outer gradients for sdw(alpha=0) and avpbc
     grads = []
     for method in ("avpbc", "sdw"):
-        dm = OBDDataModule(t, method, 0.02, cfg.density, 64, 2, seed=0)
-        b = dm.batches().batch(0)
+        b = OBDDataModule(t).add_run(method, 0.02, cfg.density, 64, 2, seed=0).batch(0)
         s, a = initial_set(t, "real-pairs", 8, 0)
-        m = BehaviorDistillation(DistillConfig(hidden=(16,), inner_steps=3), s, a)
-        grads.append(m.outer_gradient(*b, step=0))
+        grads.append(
+            outer_gradients([DistillConfig(hidden=(16,), inner_steps=3)], s[None], a[None], *(x[None] for x in b), [0])
+        )
     assert torch.equal(grads[0][1], grads[1][1]) and torch.equal(grads[0][2], grads[1][2])
 
 
@@ -143,6 +143,7 @@ def test_tiny_run_lowers_outer_loss_and_saves(tmp_path):
     ):
         assert k in metrics
     assert metrics["method"] == "sdw" and metrics["task"] == "hopper-random"
+    assert metrics["set_change"]["relative"] > 0  # measured against the start, not the moving set
     assert [h["step"] for h in metrics["history"]] == [3, 5, 6]  # coarse, then the scored final fifth
     assert metrics["protocol"] == {"policies": 2, "episodes": 1, "last_k": 5, "ensemble": False}
     assert metrics["score"] == pytest.approx(np.mean([h["score"] for h in metrics["history"][1:]]))
@@ -154,13 +155,13 @@ def test_tiny_run_lowers_outer_loss_and_saves(tmp_path):
     assert z["states"].shape == (16, 11) and z["actions"].shape == (16, 3) and str(z["task"]) == "hopper-random"
     # the outer loss of the learned set is lower than that of its initialization, on the same batches
     t = prepare_targets(cfg, "sdw", show_progress=False)
-    dm = OBDDataModule(t, "sdw", cfg.distill.beta, cfg.density, 64, 2, seed=0)
+    batch = [x[None] for x in OBDDataModule(t).add_run("sdw", cfg.distill.beta, cfg.density, 64, 2, seed=0).batch(0)]
     s0, a0 = initial_set(t, "real-pairs", 16, 0)
-    batch = dm.batches().batch(0)
     losses = []
     for s, a in ((s0, a0), (torch.from_numpy(z["states"]), torch.from_numpy(z["actions"]))):
-        mod = BehaviorDistillation(cfg.distill, s, a)
-        losses.append(np.mean([float(mod.outer_gradient(*batch, step=k)[0]) for k in range(4)]))
+        losses.append(
+            np.mean([float(outer_gradients([cfg.distill], s[None], a[None], *batch, [k])[0]) for k in range(4)])
+        )
     assert losses[1] < losses[0]
     # the standalone evaluator reads it back with the same protocol
     r = subprocess.run(
@@ -276,19 +277,19 @@ def test_ctrl_c_keeps_the_state_and_names_the_resume_command(tmp_path):
     args = [sys.executable, "-m", "obd.train", "--budget", "smoke", "--config", str(cfg), "--out", str(tmp_path / "r")]
     p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     deadline = time.time() + 240
-    while time.time() < deadline and not (tmp_path / "r" / "checkpoints" / "last.ckpt").exists():
+    while time.time() < deadline and not (tmp_path / "r" / CHECKPOINT).exists():
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: interrupted; the state is kept in") and last.endswith("--resume")
-    ck = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
-    assert ck["global_step"] >= 2
+    ck = torch.load(tmp_path / "r" / CHECKPOINT, weights_only=True, map_location="cpu")
+    assert ck["step"] >= 2
     run_id = (tmp_path / "r" / "wandb-run-id").read_text()
     # resuming continues the same W&B run (and stops at once here: --outer-steps at the checkpoint's step)
     r = subprocess.run(
-        [*args, "--resume", "--outer-steps", str(ck["global_step"])],
+        [*args, "--resume", "--outer-steps", str(ck["step"])],
         env=env,
         capture_output=True,
         text=True,
