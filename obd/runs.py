@@ -18,6 +18,23 @@ from obd.config import RunConfig, merge, to_dict
 from obd.errors import ObdError
 
 
+def finished_run(run_dir: Path, cfg: RunConfig, data_hash: str | None, rerun: str) -> dict | None:
+    """The metrics of the finished run in ``run_dir`` (re-scored by today's rule), None when it has not
+    finished; an error when it ran with another config or, ``data_hash`` given, on other data."""
+    from obd.evaluate import rescore
+
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    m = rescore(json.loads(path.read_text()))
+    diff = config_difference(comparable_run(m["config"]), comparable_run(to_dict(cfg)))
+    if diff:
+        raise ObdError(f"{path} was run with another configuration ({diff}); {rerun}")
+    if data_hash:
+        check_same_data(path, m, data_hash, rerun)
+    return m
+
+
 def check_same_data(path: Path, metrics: dict, data_hash: str, rerun: str) -> None:
     """A finished run is reused only on the data it ran on: a dataset generated again (e.g. from a
     re-exported behaviour policy) has another content hash. ``rerun`` says what to do instead."""

@@ -50,7 +50,7 @@ from obd.config import (
     to_dict,
 )
 from obd.errors import ConfigError, ObdError, check_writable, cli
-from obd.runs import Claim, check_same_data, comparable, comparable_run, config_difference
+from obd.runs import Claim, comparable, config_difference, finished_run
 from obd.seeding import derive_seed
 
 log = logging.getLogger("obd.sweep")
@@ -591,17 +591,8 @@ class Sweep:
             out = self.out / "final" / method / f"seed-{seed}"
             cfg = self.final_config(method, seed, out)
             cfg.threads = self.threads
-            path = out / "metrics.json"
-            if path.is_file():
-                m = json.loads(path.read_text())
-                diff = config_difference(comparable_run(m["config"]), comparable_run(to_dict(cfg)))
-                if diff:
-                    raise ObdError(
-                        f"{path} was run with another configuration ({diff}); use another --out, "
-                        f"or delete {out.parent} to rerun"
-                    )
-                if self.data_hash:
-                    check_same_data(path, m, self.data_hash, f"use another --out, or delete {out.parent} to rerun")
+            m = finished_run(out, cfg, self.data_hash, f"use another --out, or delete {out.parent} to rerun")
+            if m is not None:
                 results[seed] = m
             else:
                 todo[seed] = to_dict(cfg)
@@ -615,10 +606,10 @@ class Sweep:
                 from obd.engine import run_many
 
                 done = run_many([merge(RunConfig(), c) for c in mine.values()], show_progress=self.show_progress)
-                for seed, m in zip(mine, done):
-                    if isinstance(m, Exception):
-                        raise m
-                    results[seed] = m
+                for seed, res in zip(mine, done):
+                    if isinstance(res, Exception):
+                        raise res
+                    results[seed] = res
             else:
                 results.update(run_configs(mine, self.jobs, f"{method} finals", self.show_progress))
             for seed in elsewhere:

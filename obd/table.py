@@ -93,8 +93,7 @@ def run_all(
     """Every (task, method, seed) run; finished ones are read back, the rest run ``jobs`` at a time."""
 
     from obd.config import build_config, to_dict
-    from obd.evaluate import rescore
-    from obd.runs import check_same_data, comparable_run, config_difference
+    from obd.runs import check_same_data, finished_run
     from obd.sweep import run_configs
     from obd.targets import prepare_dataset, prepare_targets
 
@@ -109,12 +108,8 @@ def run_all(
             for seed in seeds:
                 run_dir = out / "runs" / task / f"{method}-s{seed}"
                 cfg = cell_config(task, method, seed, budget, out, layers, threads)
-                path = run_dir / "metrics.json"
-                if path.is_file():
-                    m = rescore(json.loads(path.read_text()))
-                    diff = config_difference(comparable_run(m["config"]), comparable_run(to_dict(cfg)))
-                    if diff:
-                        raise ObdError(f"{path} was run with another configuration ({diff}); use another --out")
+                m = finished_run(run_dir, cfg, None, "use another --out")
+                if m is not None:
                     results[(task, method, seed)] = m
                 else:
                     todo[(task, method, seed)] = to_dict(cfg)

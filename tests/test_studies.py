@@ -197,7 +197,7 @@ def test_table_cells_on_a_storage_survive_a_killed_worker_and_run_once(tmp_path,
 
     from optuna.trial import TrialState
 
-    slow = {**TINY, "outer_steps": 100, "eval_every": 50, "checkpoint_every": 2}  # a cell lasts long enough to be hit
+    slow = {**TINY, "outer_steps": 600, "eval_every": 300, "checkpoint_every": 2}  # cells long enough to be hit
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(slow))
     env = {**os.environ, "OBD_DATA_DIR": str(tmp_path / "data"), "WANDB_MODE": "disabled"}
     db = storage_url
