@@ -80,6 +80,7 @@ def work(study: optuna.Study, wait_for_all: bool = False) -> int:
     """Run waiting cells until none is left (and, with ``wait_for_all``, none runs elsewhere); how many
     this process ran."""
     from obd.config import RunConfig, merge
+    from obd.runs import finished_run
     from obd.sweep import Heartbeat, beat_orphans
     from obd.train import run
 
@@ -102,13 +103,21 @@ def work(study: optuna.Study, wait_for_all: bool = False) -> int:
         cfg = merge(RunConfig(), trial.user_attrs["config"])
         log.info("cell %s (trial %d)", trial.user_attrs["cell"], trial.number)
         try:
-            with Heartbeat(storage, [trial._trial_id]):  # type: ignore[arg-type]
-                m = run(cfg, show_progress=False)
+            # a cell finished before (e.g. here, while others took its worker for dead) is read back
+            m = finished_run(Path(str(cfg.out)), cfg, None, "use another --out")
+            if m is None:
+                with Heartbeat(storage, [trial._trial_id]):  # type: ignore[arg-type]
+                    m = run(cfg, show_progress=False)
         except Exception:
             study.tell(trial, state=TrialState.FAIL)
             raise
-        trial.set_user_attr("metrics", {k: m.get(k) for k in KEPT} | {"history": _steps(m)})
-        study.tell(trial, float(m["score"]))
+        try:
+            trial.set_user_attr("metrics", {k: m.get(k) for k in KEPT} | {"history": _steps(m)})
+            study.tell(trial, float(m["score"]))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # a heartbeat missed under load: another worker failed this cell as dead and queued its retry,
+            # which reads this finished run back from its folder instead of computing it again
+            log.warning("cell %s finished here after it was failed as stale; its retry reuses the run", cfg.out)
         ran += 1
 
 

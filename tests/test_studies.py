@@ -236,3 +236,37 @@ def test_table_cells_on_a_storage_survive_a_killed_worker_and_run_once(tmp_path,
     alone = list(csv.DictReader(open(tmp_path / "alone" / "table.csv")))
     keys = [k for k in alone[0] if k.endswith(("_mean", "_std")) or k == "sdw_minus_avpbc"]
     assert [{k: r[k] for k in keys} for r in shared] == [{k: r[k] for k in keys} for r in alone]
+
+
+def test_a_cell_failed_as_stale_while_it_ran_does_not_stop_its_worker_and_its_retry_reuses_the_run(
+    tmp_path, monkeypatch
+):
+    """Under load a worker may miss its heartbeats: others fail its cell and queue a retry while it still
+    runs. The worker finishes without an error, and the retry reads the finished run back."""
+    import optuna
+
+    import obd.train
+    from obd.cells import enqueue, work
+    from obd.config import RunConfig, merge, to_dict
+    from obd.sweep import connect
+
+    cfg = merge(RunConfig(), {**TINY, "out": str(tmp_path / "cell"), "data": {"source": "hopper-random"}})
+    study = optuna.create_study(study_name="cells", storage=connect(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    enqueue(study, {("hopper-random", "avpbc", 0): to_dict(cfg)})
+    calls = []
+
+    def run_failed_meanwhile(c, show_progress=False):
+        calls.append(c.out)
+        (t,) = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)  # others: "dead"
+        study.enqueue_trial({}, user_attrs=t.user_attrs)  # and its retry
+        m = {"task": "hopper-random", "method": "avpbc", "seed": 0, "score": 1.0, "history": [], "config": to_dict(c)}
+        (tmp_path / "cell").mkdir(exist_ok=True)
+        (tmp_path / "cell" / "metrics.json").write_text(json.dumps(m))
+        return m
+
+    monkeypatch.setattr(obd.train, "run", run_failed_meanwhile)
+    assert work(study) == 2  # the cell, then its retry (read back)
+    assert calls == [str(tmp_path / "cell")]  # computed once
+    states = sorted(t.state.name for t in study.get_trials(deepcopy=False))
+    assert states == ["COMPLETE", "FAIL"]
