@@ -46,7 +46,7 @@ def study_name(budget: str, out: Path) -> str:
 
 
 def open_table(storage_url: str, budget: str, out: Path) -> optuna.Study:
-    from obd.sweep import connect
+    from obd.storage import connect
 
     return optuna.create_study(
         study_name=study_name(budget, out), storage=connect(storage_url), direction="maximize", load_if_exists=True
@@ -81,7 +81,7 @@ def work(study: optuna.Study, wait_for_all: bool = False) -> int:
     this process ran."""
     from obd.config import RunConfig, merge
     from obd.runs import finished_run
-    from obd.sweep import Heartbeat, beat_orphans
+    from obd.storage import Heartbeat, beat_orphans
     from obd.train import run
 
     storage = study._storage

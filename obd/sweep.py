@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import random
 import socket
 import sys
 import time
@@ -30,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from obd import storage as heartbeats
 from obd.config import (
     BASELINE_START,
     DISTILL_METHODS,
@@ -52,12 +51,10 @@ from obd.config import (
 from obd.errors import ConfigError, ObdError, check_writable, cli
 from obd.runs import Claim, comparable, config_difference, finished_run
 from obd.seeding import derive_seed
+from obd.storage import Heartbeat, beat_orphans, connect
 
 log = logging.getLogger("obd.sweep")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-# ask-and-tell (the batched search) on the heartbeat storage: its trials are tracked without heartbeats
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-HEARTBEAT_S, GRACE_S = 5, 20
 BASELINES = tuple(BASELINE_START)  # the sets that need no outer loop, run beside every study's finals
 STUDY_KEYS = (
     "methods",
@@ -198,100 +195,6 @@ class TrialPruning:
 
 
 # ------------------------------------------------------------------ the sweep
-
-
-class Heartbeat:
-    """Heartbeats for trials Optuna does not beat for (ask-and-tell): recorded in the storage every
-    ``HEARTBEAT_S`` seconds while the block runs, so a worker that dies, on any machine, leaves trials
-    whose heartbeat goes stale and that :func:`optuna.storages.fail_stale_trials` fails and retries."""
-
-    def __init__(self, storage: RDBStorage, trial_ids: list[int]):
-        import threading
-
-        self.storage, self.ids = storage, list(trial_ids)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        while True:
-            for tid in self.ids:
-                try:
-                    self.storage.record_heartbeat(tid)
-                except Exception as e:  # a storage hiccup: the next beat tries again
-                    log.warning("heartbeat of trial id %d failed: %s", tid, e)
-            if self.stop.wait(HEARTBEAT_S):
-                return
-
-    def __enter__(self) -> Heartbeat:
-        for tid in self.ids:  # marks the trial as one that beats (see beat_orphans)
-            self.storage.set_trial_user_attr(tid, "heartbeat", True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        self.thread.join()
-
-
-def beat_orphans(study: optuna.Study) -> None:
-    """Trials left running that never had a heartbeat (their process died before beating, or they were
-    started by an older obd) get one now, so that Optuna finds them stale a grace period later."""
-    from datetime import datetime
-
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        started = t.datetime_start or datetime.now()
-        if not t.user_attrs.get("heartbeat") and (datetime.now() - started).total_seconds() > GRACE_S:
-            study._storage.record_heartbeat(t._trial_id)  # type: ignore[attr-defined]
-            study._storage.set_trial_user_attr(t._trial_id, "heartbeat", True)
-
-
-def connect(url: str, attempts: int = 5) -> RDBStorage:
-    """Optuna RDB storage with heartbeats; workers starting together may race to create the schema,
-    so a failed first connection is retried."""
-    for i in range(attempts):
-        try:
-            return RDBStorage(
-                url,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
-            )
-        except Exception as e:  # sqlalchemy errors of several kinds
-            if i == attempts - 1:
-                raise ObdError(
-                    f"cannot open the study storage {url.split('@')[-1]}: {str(e).splitlines()[0]}"
-                ) from None
-            time.sleep(1 + 2 * random.random())
-    raise AssertionError("unreachable")
-
-
-def _run_config_dict(cfg: dict) -> dict:
-    """A run in a worker process (top level, so that it pickles)."""
-    from obd.train import run
-
-    return run(merge(RunConfig(), cfg), show_progress=False)
-
-
-def run_configs(todo: dict, jobs: int, desc: str = "runs", show_progress: bool = True) -> dict:
-    """Run every config (key -> RunConfig as a dict) ``jobs`` at a time in spawned processes; key -> metrics."""
-    results: dict = {}
-    bar = tqdm(total=len(todo), desc=desc, unit="run", disable=not show_progress or not todo)
-    if jobs > 1 and len(todo) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_config_dict, c): k for k, c in todo.items()}
-            for f in as_completed(futures):
-                results[futures[f]] = f.result()
-                bar.update(1)
-    else:
-        for k, c in todo.items():
-            results[k] = _run_config_dict(c)
-            bar.update(1)
-    bar.close()
-    return results
 
 
 def _trial_worker(task: str, spec: dict, out: str, storage: str, method: str, jobs: int, worker: str) -> None:
@@ -539,10 +442,10 @@ class Sweep:
             "%d trial(s) marked running (a stopped process, or a live worker): waiting %d s for their "
             "heartbeat to expire",
             len(running),
-            GRACE_S,
+            heartbeats.GRACE_S,
         )
         beat_orphans(study)
-        time.sleep(GRACE_S + 1)
+        time.sleep(heartbeats.GRACE_S + 1)
         optuna.storages.fail_stale_trials(study)
 
     def objective(self, trial: optuna.Trial, method: str) -> float:
@@ -598,6 +501,8 @@ class Sweep:
                 todo[seed] = to_dict(cfg)
         # one process per final: a seed another process (a second sweep into this OUT) is running is
         # skipped now and read back once that process lets it go
+        from obd.train import run_config_dict, run_configs
+
         claims = {seed: Claim(self.out / "final" / method / f"seed-{seed}") for seed in todo}
         elsewhere = [seed for seed, c in claims.items() if not c.take()]
         mine = {seed: c for seed, c in todo.items() if seed not in elsewhere}
@@ -617,7 +522,7 @@ class Sweep:
                 claims[seed].take(wait=True)
                 path = self.out / "final" / method / f"seed-{seed}" / "metrics.json"
                 # finished there, or that process died first: then it is run here
-                results[seed] = json.loads(path.read_text()) if path.is_file() else _run_config_dict(todo[seed])
+                results[seed] = json.loads(path.read_text()) if path.is_file() else run_config_dict(todo[seed])
         finally:
             for c in claims.values():
                 c.release()

@@ -94,8 +94,8 @@ def run_all(
 
     from obd.config import build_config, to_dict
     from obd.runs import check_same_data, finished_run
-    from obd.sweep import run_configs
     from obd.targets import prepare_dataset, prepare_targets
+    from obd.train import run_configs
 
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
     import torch

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from obd.config import RunConfig, budget_names, build_config, read_yaml, to_dict
+from obd.config import RunConfig, budget_names, build_config, merge, read_yaml, to_dict
 from obd.errors import ConfigError, ObdError, cli
 
 log = logging.getLogger("obd.train")
@@ -62,6 +62,34 @@ def run(
     if isinstance(res, Exception):
         raise res
     return res
+
+
+def run_config_dict(cfg: dict) -> dict:
+    """A run in a worker process (top level, so that it pickles)."""
+    return run(merge(RunConfig(), cfg), show_progress=False)
+
+
+def run_configs(todo: dict, jobs: int, desc: str = "runs", show_progress: bool = True) -> dict:
+    """Run every config (key -> RunConfig as a dict) ``jobs`` at a time in spawned processes; key -> metrics."""
+    from tqdm.auto import tqdm
+
+    results: dict = {}
+    bar = tqdm(total=len(todo), desc=desc, unit="run", disable=not show_progress or not todo)
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(run_config_dict, c): k for k, c in todo.items()}
+            for f in as_completed(futures):
+                results[futures[f]] = f.result()
+                bar.update(1)
+    else:
+        for k, c in todo.items():
+            results[k] = run_config_dict(c)
+            bar.update(1)
+    bar.close()
+    return results
 
 
 # ------------------------------------------------------------------ command line

@@ -248,7 +248,7 @@ def test_a_cell_failed_as_stale_while_it_ran_does_not_stop_its_worker_and_its_re
     import obd.train
     from obd.cells import enqueue, work
     from obd.config import RunConfig, merge, to_dict
-    from obd.sweep import connect
+    from obd.storage import connect
 
     cfg = merge(RunConfig(), {**TINY, "out": str(tmp_path / "cell"), "data": {"source": "hopper-random"}})
     study = optuna.create_study(study_name="cells", storage=connect(f"sqlite:///{tmp_path / 'db.sqlite'}"))

@@ -322,11 +322,11 @@ def test_batched_sweep_asks_trials_in_batches_and_takes_up_orphaned_ones(tmp_pat
     dropped from its batch and told pruned; a trial a stopped process left running is resumed."""
     import time
 
-    import obd.sweep
+    import obd.storage
     from obd.sweep import Sweep
 
-    monkeypatch.setattr(obd.sweep, "GRACE_S", 1)
-    monkeypatch.setattr(obd.sweep, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(obd.storage, "GRACE_S", 1)
+    monkeypatch.setattr(obd.storage, "HEARTBEAT_S", 1)
     monkeypatch.setenv("OBD_DATA_DIR", str(tmp_path / "data"))
     spec = load_study(write_study(tmp_path, trials=3, methods=["avpbc"]), "hopper-random")
     spec["fixed"]["wandb"] = False
@@ -528,11 +528,12 @@ def test_a_batched_trial_whose_worker_died_is_retried_in_its_own_folder(tmp_path
     import time
 
     import obd.engine
-    import obd.sweep
-    from obd.sweep import Heartbeat, Sweep
+    import obd.storage
+    from obd.storage import Heartbeat
+    from obd.sweep import Sweep
 
-    monkeypatch.setattr(obd.sweep, "HEARTBEAT_S", 1)
-    monkeypatch.setattr(obd.sweep, "GRACE_S", 2)
+    monkeypatch.setattr(obd.storage, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(obd.storage, "GRACE_S", 2)
     batches: list[list[str]] = []
 
     def fake_advance(cfgs, listeners, show_progress=True):
