@@ -11,6 +11,24 @@ from __future__ import annotations
 import numpy as np
 
 
+def method_summary(runs: dict[int, dict]) -> dict:
+    """One method's finished runs (seed -> metrics.json): mean, std (ddof 1; 0 for one seed) and n of their
+    scores, the scores by seed, and the mean wall seconds of a run. Studies and tables both summarize so."""
+    v = np.array([r["score"] for r in runs.values()], dtype=float)
+    return {
+        "mean": float(v.mean()) if len(v) else None,
+        "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+        "n": len(v),
+        "per_seed": {int(s): r["score"] for s, r in runs.items()},
+        "wall_seconds_mean": float(np.mean([r["wall_seconds"] for r in runs.values()])) if len(v) else None,
+    }
+
+
+def teacher_of(runs: list[dict]) -> dict | None:
+    """The teacher record the runs of one dataset carry (the first that has one)."""
+    return next((r["teacher"] for r in runs if r.get("teacher")), None)
+
+
 def paired_comparison(a: dict[int, float], b: dict[int, float], level: float = 0.95) -> dict:
     """a - b over the seeds both have. ``a``, ``b``: seed -> score."""
     from scipy import stats

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
@@ -531,18 +530,11 @@ class Sweep:
         return {seed: results[seed] for seed in sorted(results)}
 
     def summarize(self, finals: dict[str, dict[int, dict]]) -> dict:
-        from obd.stats import paired_comparison
+        from obd.stats import method_summary, paired_comparison, teacher_of
 
         rows: dict[str, dict] = {}
         for m, runs in finals.items():
-            v = np.array([r["score"] for r in runs.values()])
-            row = {
-                "mean": float(v.mean()),
-                "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                "n": len(v),
-                "per_seed": {int(s): r["score"] for s, r in runs.items()},
-                "wall_seconds_mean": float(np.mean([r["wall_seconds"] for r in runs.values()])),
-            }
+            row = method_summary(runs)
             if m in DISTILL_METHODS:
                 st = self.study(m)
                 row.update(best_params=st.best_trial.params, best_trial_value=st.best_value, trials=_trial_counts(st))
@@ -556,9 +548,7 @@ class Sweep:
             "protocol": some["protocol"],
             "transitions": some["transitions"],
             "behaviour_score": some["behaviour_score"],
-            "teacher": next(
-                (r["teacher"] for runs in finals.values() for r in runs.values() if r.get("teacher")), None
-            ),
+            "teacher": teacher_of([r for runs in finals.values() for r in runs.values()]),
             "comparisons": {},
         }
         main_m = self.spec["methods"][0]

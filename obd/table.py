@@ -150,21 +150,23 @@ def build_table(
     import numpy as np
 
     from obd.config import BASELINE_START, DISTILL_METHODS
-    from obd.stats import paired_comparison
+    from obd.stats import method_summary, paired_comparison, teacher_of
 
     rows = []
     for task in tasks:
-        per = {m: {s: r["score"] for (t, mm, s), r in results.items() if t == task and mm == m} for m in methods}
-        any_run = next((r for (t, _, _), r in results.items() if t == task), None)
-        if any_run is None:
+        runs = {m: {s: r for (t, mm, s), r in results.items() if t == task and mm == m} for m in methods}
+        per = {m: {s: r["score"] for s, r in runs[m].items()} for m in methods}
+        mine = [r for (t, _, _), r in results.items() if t == task]
+        if not mine:
             continue
-        hashes = sorted({r["data_hash"] for (t, _, _), r in results.items() if t == task and r.get("data_hash")})
+        any_run = mine[0]
+        hashes = sorted({r["data_hash"] for r in mine if r.get("data_hash")})
         if len(hashes) > 1:  # e.g. a rebuild from runs copied in from two generations of the dataset
             raise ObdError(
                 f"{out / 'runs' / task}: its runs were made on {len(hashes)} different datasets "
                 f"(data hashes {', '.join(hashes)}); one row must come from one dataset"
             )
-        teacher = next((r.get("teacher") for (t, _, _), r in results.items() if t == task and r.get("teacher")), None)
+        teacher = teacher_of(mine)
         row: dict = {
             "task": task,
             "budget": budget,
@@ -178,17 +180,11 @@ def build_table(
             "published_sdw": PUBLISHED_SDW.get(task),
         }
         for m in methods:
-            v = np.array(list(per[m].values()))
-            row[f"{m}_mean"] = round(float(v.mean()), 2) if len(v) else None
-            row[f"{m}_std"] = round(float(v.std(ddof=1)), 2) if len(v) > 1 else None
-            row[f"{m}_n"] = len(v)
-            row[f"{m}_wall_s"] = (
-                round(
-                    float(np.mean([r["wall_seconds"] for (t, mm, _), r in results.items() if t == task and mm == m])), 0
-                )
-                if len(v)
-                else None
-            )
+            ms = method_summary(runs[m])
+            row[f"{m}_mean"] = round(ms["mean"], 2) if ms["n"] else None
+            row[f"{m}_std"] = round(ms["std"], 2) if ms["n"] > 1 else None
+            row[f"{m}_n"] = ms["n"]
+            row[f"{m}_wall_s"] = round(ms["wall_seconds_mean"], 0) if ms["n"] else None
         baselines = [m for m in methods if m in BASELINE_START and per[m]]
         if baselines:  # what distillation adds over the best set that needs no outer loop
             best = max(baselines, key=lambda m: float(np.mean(list(per[m].values()))))
