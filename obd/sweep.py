@@ -24,6 +24,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,25 @@ STUDY_KEYS = (
 )
 
 
+@dataclass
+class StudySpec:
+    """A study (``sweeps/default.yaml``): its per-task overrides applied and every key checked by
+    :func:`load_study`. ``search`` is shared by the methods, ``method_search`` adds a method's own keys;
+    ``fixed`` holds RunConfig fields every run gets; ``baselines`` run beside the finals."""
+
+    methods: list[str]
+    trials: int
+    seeds: int
+    budget: str
+    search: dict
+    method_search: dict = field(default_factory=dict)
+    fixed: dict = field(default_factory=dict)
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    sampler_seed: int = 0
+    vary_data_per_seed: bool = False
+    pruner: dict = field(default_factory=dict)
+
+
 def default_study() -> Path:
     return sweeps_dir() / "default.yaml"
 
@@ -78,7 +98,7 @@ def default_study() -> Path:
 # ------------------------------------------------------------------ study definition
 
 
-def load_study(path: Path, task: str, **overrides: Any) -> dict:
+def load_study(path: Path, task: str, **overrides: Any) -> StudySpec:
     """The YAML study with its per-task overrides and then ``overrides`` (None values ignored) applied;
     every method, budget, fixed key and search key is checked against the config before anything runs."""
     spec = read_yaml(path) or {}
@@ -99,7 +119,7 @@ def load_study(path: Path, task: str, **overrides: Any) -> dict:
     unknown = [m for m in spec["methods"] if m not in DISTILL_METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(DISTILL_METHODS)}")
-    bad = [m for m in spec.get("baselines", BASELINES) if m not in BASELINE_START]
+    bad = [m for m in spec.get("baselines") or BASELINES if m not in BASELINE_START]
     if bad:
         raise ConfigError(f"{path}: unknown baseline(s) {', '.join(bad)}; choose from {', '.join(BASELINE_START)}")
     if spec["budget"] not in budget_names():
@@ -110,7 +130,8 @@ def load_study(path: Path, task: str, **overrides: Any) -> dict:
     for where, space in spaces:
         for key, dim in space.items():
             check_dimension(f"{path}: {where}", key, dim)
-    return spec
+    spec["search"] = spec["search"] or {}
+    return StudySpec(**{k: v for k, v in spec.items() if v is not None})
 
 
 def check_dimension(where: str, key: str, dim: dict) -> None:
@@ -156,14 +177,14 @@ def suggest(trial: optuna.Trial, space: dict) -> dict:
 
 
 def run_config(
-    spec: dict, task: str, method: str, params: dict, seed: int, out: Path, group: str, job_type: str, name: str
+    spec: StudySpec, task: str, method: str, params: dict, seed: int, out: Path, group: str, job_type: str, name: str
 ) -> RunConfig:
     """The one builder (:func:`obd.config.build_config`) with the study's layers; ``group``, ``job_type``
     and ``name`` place the run in W&B."""
     return build_config(
-        spec["budget"],
+        spec.budget,
         [
-            spec.get("fixed") or {},
+            spec.fixed,
             nest(params),
             {
                 "data": {"source": task},
@@ -196,7 +217,7 @@ class TrialPruning:
 # ------------------------------------------------------------------ the sweep
 
 
-def _trial_worker(task: str, spec: dict, out: str, storage: str, method: str, jobs: int, worker: str) -> None:
+def _trial_worker(task: str, spec: StudySpec, out: str, storage: str, method: str, jobs: int, worker: str) -> None:
     """An extra trial process on the same storage (the study's trial target is shared)."""
     from obd.tracking import quiet_libraries
 
@@ -219,7 +240,7 @@ class Sweep:
     def __init__(
         self,
         task: str,
-        spec: dict,
+        spec: StudySpec,
         out: Path,
         storage: str | None,
         show_progress: bool = True,
@@ -244,20 +265,20 @@ class Sweep:
         self.storage = connect(self.url)
 
     def study_name(self, method: str) -> str:
-        return f"{self.task}-{method}-{self.spec['budget']}"
+        return f"{self.task}-{method}-{self.spec.budget}"
 
     def definition(self, method: str) -> dict:
         """What a study's trials depend on: a stored study made from another definition is refused."""
         return {
-            "budget": self.spec["budget"],
-            "fixed": comparable(self.spec.get("fixed") or {}),  # W&B, threads, device: not what trials depend on
+            "budget": self.spec.budget,
+            "fixed": comparable(self.spec.fixed),  # W&B, threads, device: not what trials depend on
             "search": self.space(method),
-            "sampler_seed": self.spec.get("sampler_seed", 0),
-            "pruner": self.spec.get("pruner") or {},
+            "sampler_seed": self.spec.sampler_seed,
+            "pruner": self.spec.pruner,
         }
 
     def study(self, method: str) -> optuna.Study:
-        p = self.spec.get("pruner") or {}
+        p = self.spec.pruner
         st = optuna.create_study(
             study_name=self.study_name(method),
             storage=self.storage,
@@ -270,7 +291,7 @@ class Sweep:
         # A sampler's state is not stored: rebuilt here, its seed derived from the study, this process's
         # worker name and the trials already stored, so parallel workers and a resumed process do not
         # propose the same first points; the constant liar keeps running trials from being re-proposed.
-        seed = derive_seed(self.spec.get("sampler_seed", 0), "tpe", method, self.worker, len(st.trials))
+        seed = derive_seed(self.spec.sampler_seed, "tpe", method, self.worker, len(st.trials))
         st.sampler = optuna.samplers.TPESampler(seed=seed % 2**32, constant_liar=True)
         want = json.loads(json.dumps(self.definition(method)))
         have = st.user_attrs.get("definition")
@@ -284,20 +305,20 @@ class Sweep:
         return st
 
     def space(self, method: str) -> dict:
-        return {**self.spec["search"], **(self.spec.get("method_search") or {}).get(method, {})}
+        return {**self.spec.search, **(self.spec.method_search.get(method) or {})}
 
     def prepare(self) -> None:
         """Build what every run shares (dataset, teacher, default density) up front, with progress bars:
         inside a trial they would be built silently by the first one."""
         from obd.targets import prepare_targets
 
-        method = next(m for m in ("sdw", "avpbc", "pbc", "dbc") if m in self.spec["methods"])
+        method = next(m for m in ("sdw", "avpbc", "pbc", "dbc") if m in self.spec.methods)
         self.data_hash = prepare_targets(
             self.trial_config(method, {}, 0, self.out),
             method,
             show_progress=self.show_progress,
         ).data_hash
-        for m in self.spec["methods"]:  # trials on another dataset must not mix with new ones
+        for m in self.spec.methods:  # trials on another dataset must not mix with new ones
             st = self.study(m)
             have = st.user_attrs.get("data_hash")
             if have is None:
@@ -312,7 +333,7 @@ class Sweep:
         """Run trials until the study holds ``trials`` finished (complete or pruned) ones; with ``jobs`` > 1,
         that many processes run trials at once on the same storage."""
         study = self.study(method)
-        target = int(self.spec["trials"])
+        target = self.spec.trials
         if wait_for_stale:
             self._wait_for_stale(study)
         helpers = []
@@ -469,7 +490,7 @@ class Sweep:
     # -------------------------------------------------------------- finals and comparison
     def wandb_group(self) -> str:
         """One W&B group per study: its task, budget and OUT."""
-        return f"{self.task}-{self.spec['budget']}-{self.out.resolve().name}"
+        return f"{self.task}-{self.spec.budget}-{self.out.resolve().name}"
 
     def trial_config(self, method: str, params: dict, number: int, out: Path) -> RunConfig:
         name = f"{self.task}-{method}-trial-{number:03d}"
@@ -480,7 +501,7 @@ class Sweep:
         job = "final" if method in DISTILL_METHODS else "baseline"
         name = f"{self.task}-{method}-final-s{seed}"
         cfg = run_config(self.spec, self.task, method, params, seed, out, self.wandb_group(), job, name)
-        if self.spec.get("vary_data_per_seed"):  # each final seed: its own generated dataset and teacher
+        if self.spec.vary_data_per_seed:  # each final seed: its own generated dataset and teacher
             merge(cfg, {"data": {"data_seed": seed}, "teacher": {"td3bc": {"seed": seed}}})
         return cfg
 
@@ -489,7 +510,7 @@ class Sweep:
         kept only if its stored configuration is the one the study resolves to now."""
         results: dict[int, dict] = {}
         todo: dict[int, dict] = {}
-        for seed in range(1, int(self.spec["seeds"]) + 1):
+        for seed in range(1, self.spec.seeds + 1):
             out = self.out / "final" / method / f"seed-{seed}"
             cfg = self.final_config(method, seed, out)
             cfg.threads = self.threads
@@ -543,7 +564,7 @@ class Sweep:
         some = next(iter(first.values()))
         summary: dict = {
             "task": self.task,
-            "budget": self.spec["budget"],
+            "budget": self.spec.budget,
             "methods": rows,
             "protocol": some["protocol"],
             "transitions": some["transitions"],
@@ -551,7 +572,7 @@ class Sweep:
             "teacher": teacher_of([r for runs in finals.values() for r in runs.values()]),
             "comparisons": {},
         }
-        main_m = self.spec["methods"][0]
+        main_m = self.spec.methods[0]
         for other in [m for m in finals if m != main_m]:
             summary["comparisons"][f"{main_m} - {other}"] = paired_comparison(
                 rows[main_m]["per_seed"], rows[other]["per_seed"]
@@ -576,7 +597,7 @@ def log_study_to_wandb(sweep: Sweep, summary: dict) -> None:
     from obd.tracking import wandb_init
 
     r = wandb_init(
-        project=(sweep.spec.get("fixed") or {}).get("wandb_project", "obd"),
+        project=sweep.spec.fixed.get("wandb_project", "obd"),
         group=sweep.wandb_group(),
         name=f"{sweep.wandb_group()}-study",
         job_type="study",
@@ -655,12 +676,12 @@ def main(argv: list[str] | None = None) -> int:
         methods=a.methods.split(",") if a.methods else None,
     )
     if a.no_wandb:
-        spec["fixed"] = deep_update(spec.get("fixed") or {}, {"wandb": False})
+        spec.fixed = deep_update(spec.fixed, {"wandb": False})
     if a.device:
         from obd.devices import resolve_device
 
         resolve_device(a.device)  # a clean error before any work
-        spec["fixed"] = deep_update(spec.get("fixed") or {}, {"device": a.device})
+        spec.fixed = deep_update(spec.fixed, {"device": a.device})
     out = Path(a.out or f"runs/sweep-{task}")
     jobs = min(2, os.cpu_count() or 1) if a.jobs is None else a.jobs
     if jobs < 1 or a.batch_trials < 1:
@@ -669,16 +690,16 @@ def main(argv: list[str] | None = None) -> int:
     worker = f"{socket.gethostname()}:{os.getpid()}" if a.worker else "main"  # extra machines: one name each
     sweep = Sweep(task, spec, out, a.storage, jobs=jobs, batched=a.batched, batch_trials=a.batch_trials, worker=worker)
     sweep.prepare()
-    for method in spec["methods"]:
+    for method in spec.methods:
         sweep.optimize(method)
     if a.worker:
         return 0
-    finals = {m: sweep.finals(m) for m in (*spec["methods"], *spec.get("baselines", BASELINES))}
+    finals = {m: sweep.finals(m) for m in (*spec.methods, *spec.baselines)}
     summary = sweep.summarize(finals)
     from obd.report import write_report
 
     report = write_report(out)
-    if (spec.get("fixed") or {}).get("wandb", True):
+    if spec.fixed.get("wandb", True):
         log_study_to_wandb(sweep, summary)  # after the report: its figures go to the study's run
     for m, row in summary["methods"].items():
         print(f"{m:>6}: {row['mean']:.1f} +/- {row['std']:.1f} (n={row['n']})")

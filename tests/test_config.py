@@ -31,7 +31,7 @@ def test_every_budget_builds_for_every_env_and_method(budget):
 def test_every_study_loads_and_its_search_keys_exist(path):
     for task in ("halfcheetah-medium", "hopper-medium", "walker2d-medium-replay"):
         spec = load_study(path, task)
-        assert spec["methods"] and spec["search"]
+        assert spec.methods and spec.search
 
 
 def test_paper_budget_follows_the_published_steps_per_env_and_method():

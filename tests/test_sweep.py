@@ -223,8 +223,8 @@ def test_pruner_sees_each_evaluation_step():
 
 def test_study_files_are_checked_against_the_config(tmp_path):
     spec = load_study(default_study(), "hopper-medium", trials=3)
-    assert spec["trials"] == 3 and spec["methods"] == ["sdw", "avpbc"]
-    assert load_study(write_study(tmp_path, tasks={"hopper-medium": {"trials": 9}}), "hopper-medium")["trials"] == 9
+    assert spec.trials == 3 and spec.methods == ["sdw", "avpbc"]
+    assert load_study(write_study(tmp_path, tasks={"hopper-medium": {"trials": 9}}), "hopper-medium").trials == 9
     with pytest.raises(ConfigError, match="unknown budget"):
         load_study(write_study(tmp_path, budget="huge"), "hopper-random")
     with pytest.raises(ConfigError, match="unknown method.*xyz"):
@@ -329,7 +329,7 @@ def test_batched_sweep_asks_trials_in_batches_and_takes_up_orphaned_ones(tmp_pat
     monkeypatch.setattr(obd.storage, "HEARTBEAT_S", 1)
     monkeypatch.setenv("OBD_DATA_DIR", str(tmp_path / "data"))
     spec = load_study(write_study(tmp_path, trials=3, methods=["avpbc"]), "hopper-random")
-    spec["fixed"]["wandb"] = False
+    spec.fixed["wandb"] = False
     out = tmp_path / "sweep"
     sw = Sweep("hopper-random", spec, out, None, show_progress=False, batched=True, batch_trials=2)
     study = sw.study("avpbc")
@@ -388,7 +388,7 @@ def test_unknown_study_keys_and_baselines_are_refused(tmp_path):
         load_study(write_study(tmp_path, seed_count=3), "hopper-random")
     with pytest.raises(ConfigError, match="unknown baseline.*random-pairs"):
         load_study(write_study(tmp_path, baselines=["random-pairs"]), "hopper-random")
-    assert load_study(write_study(tmp_path, baselines=["kmeans-teacher"]), "hopper-random")["baselines"] == [
+    assert load_study(write_study(tmp_path, baselines=["kmeans-teacher"]), "hopper-random").baselines == [
         "kmeans-teacher"
     ]
 
