@@ -490,6 +490,8 @@ def run_many(
             raise ObdError(f"--resume: no checkpoint in {out} ({out / CHECKPOINT} is absent); run without --resume")
         if has:
             check_continuable(out, c)  # before the teacher and density stages, which may take minutes
+        elif resume is not False and any((out / CHECKPOINT.parent).glob("*")):
+            log.warning("%s holds no %s (an earlier obd's checkpoint?): the run starts over", out, CHECKPOINT)
         continuing.append(has)
     device = resolve_device(first.device)  # before any work: --device cuda without a GPU is a one-line error
     t0 = time.time()
