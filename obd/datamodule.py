@@ -43,6 +43,9 @@ class _Together(IterableDataset):
     def __init__(self, runs: list[StepBatches], positions: Callable[[], list[Position]]):
         self.runs, self.positions = runs, positions
 
+    def __len__(self) -> int:  # the iterations left: the progress bar's total
+        return max((last - step for _, step, last in self.positions()), default=0)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         at = {k: (step, last) for k, step, last in self.positions()}
         while at:

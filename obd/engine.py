@@ -480,6 +480,7 @@ def run_many(
         raise ConfigError("runs advanced together need one output folder each")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*IterableDataset.* has `__len__` defined.*")
     quiet_libraries()  # device notes and tips, once per process
     torch.set_num_threads(first.threads)
     continuing = []

@@ -164,3 +164,23 @@ def test_cuda_unavailable_is_one_line_from_the_cli(tmp_path):
         cwd=tmp_path,
     )
     assert r.returncode == 2 and "no CUDA device is available" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_runs_batches_advance_each_run_from_its_own_step_to_its_own_end():
+    """Runs at different steps share an iteration, each with the batch of its own (seed, step); a run
+    leaves at its last step; the iterations left are the progress bar's total."""
+    from obd.datamodule import StepBatches, _Together
+
+    data = (torch.arange(50.0).view(50, 1), torch.zeros(50, 1), torch.ones(50))
+    runs = [StepBatches(data, 4, seed=s) for s in (0, 1)]
+    it = _Together(runs, lambda: [(0, 3, 5), (1, 0, 4)])
+    assert len(it) == 4
+    got = [(idx.tolist(), steps.tolist(), obs.shape) for idx, steps, obs, _, _ in it]
+    assert got == [
+        ([0, 1], [3, 0], (2, 4, 1)),
+        ([0, 1], [4, 1], (2, 4, 1)),
+        ([1], [2], (1, 4, 1)),
+        ([1], [3], (1, 4, 1)),
+    ]
+    first = next(iter(it))
+    assert torch.equal(first[2][0], runs[0].batch(3)[0]) and torch.equal(first[2][1], runs[1].batch(0)[0])
