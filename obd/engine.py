@@ -29,7 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,10 @@ from obd.config import BASELINE_START, DistillConfig, RunConfig, to_dict
 from obd.errors import ConfigError, ObdError, check_writable
 from obd.policy import Params, init_policy, stack_params
 from obd.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from obd.datamodule import OBDDataModule
+    from obd.targets import Targets
 
 log = logging.getLogger("obd.engine")
 
@@ -118,7 +122,15 @@ def outer_gradients(
 class Run:
     """One run of the engine: its config, synthetic set, optimizer, history, timers and outputs."""
 
-    def __init__(self, cfg: RunConfig, targets: Any, dm: Any, device: torch.device, dtype: torch.dtype, resume: bool):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        targets: Targets,
+        dm: OBDDataModule,
+        device: torch.device,
+        dtype: torch.dtype,
+        resume: bool,
+    ):
         from obd.distill import outer_optimizer
         from obd.starts import initial_set
 
