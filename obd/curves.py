@@ -109,6 +109,12 @@ def build(out: Path, tasks: list[str] | None = None) -> list[dict]:
     runs = read_runs(out, tasks)
     if not runs:
         raise ObdError(f"{out}: no finished runs under runs/*/*/metrics.json")
+    hashes: dict[str, set[str]] = {}
+    for (task, _), seeds in runs.items():
+        hashes.setdefault(task, set()).update(m["data_hash"] for m in seeds.values() if m.get("data_hash"))
+    for task, hs in hashes.items():
+        if len(hs) > 1:  # generated data depends on the machine's floating point: one dataset per curve
+            raise ObdError(f"{out / 'runs' / task}: runs on {len(hs)} different datasets ({', '.join(sorted(hs))})")
     curve_rows, rows = [], []
     for (task, method), seeds in sorted(runs.items()):
         if method in BASELINE_START:

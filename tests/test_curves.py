@@ -90,3 +90,23 @@ def test_seeds_of_different_lengths_are_read_on_their_common_horizon(tmp_path):
     write(1, 600, "cosine")
     with pytest.raises(ObdError, match="different lengths"):
         build(tmp_path)
+
+
+def test_runs_of_one_dataset_on_two_generated_versions_are_refused(tmp_path):
+    from obd.errors import ObdError
+
+    for seed, h in ((0, "aaa"), (1, "bbb")):
+        c = curve(lambda s: 30.0, seed, steps=range(100, 601, 100))
+        m = {
+            "task": "hopper-medium",
+            "method": "avpbc",
+            "seed": seed,
+            "outer_steps": 600,
+            "data_hash": h,
+            "history": [{"step": st, "score": sc, "cpu_seconds": cpu, "eval_cpu_seconds": 0.0} for st, sc, cpu in c],
+        }
+        d = tmp_path / "runs" / "hopper-medium" / f"avpbc-s{seed}"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps(m))
+    with pytest.raises(ObdError, match="2 different datasets"):
+        build(tmp_path)
