@@ -163,3 +163,13 @@ def weight_stats(w: np.ndarray | torch.Tensor) -> dict[str, float]:
         "top1pct_share": float(top / total),
         "max_over_mean": float(x.max() / x.mean()),
     }
+
+
+def state_diversity(obs_norm, k: int = 10, sample: int = 20_000, seed: int = 0) -> float:
+    """Mean Euclidean distance to the k-th nearest other state (normalized space) over a random sample."""
+    from obd.seeding import numpy_rng
+
+    x = obs_norm.numpy() if hasattr(obs_norm, "numpy") else np.asarray(obs_norm)
+    pick = numpy_rng(seed, "diversity").choice(len(x), min(sample, len(x)), replace=False)
+    d = knn_sq_distances(x[pick], x[pick], k, exclude_self=True)
+    return float(np.sqrt(d[:, -1]).mean())

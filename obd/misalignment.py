@@ -22,22 +22,10 @@ import json
 import sys
 from pathlib import Path
 
+from obd.density import state_diversity
 from obd.errors import ConfigError, cli
 
 DEFAULT_STEPS = (5, 20, 100, 500, 2000)
-
-
-def state_diversity(obs_norm, k: int = 10, sample: int = 20_000, seed: int = 0) -> float:
-    """Mean Euclidean distance to the k-th nearest other state (normalized space) over a random sample."""
-    import numpy as np
-
-    from obd.density import knn_sq_distances
-    from obd.seeding import numpy_rng
-
-    x = obs_norm.numpy() if hasattr(obs_norm, "numpy") else np.asarray(obs_norm)
-    pick = numpy_rng(seed, "diversity").choice(len(x), min(sample, len(x)), replace=False)
-    d = knn_sq_distances(x[pick], x[pick], k, exclude_self=True)
-    return float(np.sqrt(d[:, -1]).mean())
 
 
 def study(

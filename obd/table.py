@@ -178,6 +178,7 @@ def build_table(
             "corl_td3bc": (teacher or {}).get("corl_td3bc_score"),
             "published_avpbc": PUBLISHED_AVPBC.get(task),
             "published_sdw": PUBLISHED_SDW.get(task),
+            "state_diversity": next((r["state_diversity_knn10"] for r in mine if r.get("state_diversity_knn10")), None),
         }
         for m in methods:
             ms = method_summary(runs[m])
@@ -222,9 +223,58 @@ def build_table(
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(rows)
-    (out / "table.md").write_text(markdown(rows, methods))
+    claim = diversity_claim(rows)
+    (out / "table.md").write_text(markdown(rows, methods, claim))
     plot(rows, out / "table.png")
+    if claim is not None:
+        plot_diversity(rows, claim, out / "diversity.png")
     return rows
+
+
+def diversity_claim(rows: list[dict]) -> dict | None:
+    """SDW's claim (it helps most where state diversity is limited) as a rank correlation over datasets:
+    Spearman's rho between each dataset's state diversity and its paired SDW - Av-PBC, with a 95%
+    interval from Fisher's z (standard error sqrt(1.06 / (n - 3)), Fieller, Hartley and Pearson 1957).
+    None with fewer than 4 datasets that have both."""
+    import math
+
+    from scipy.stats import spearmanr
+
+    pts = [(r["state_diversity"], r["sdw_minus_avpbc"]) for r in rows if r.get("state_diversity") is not None]
+    pts = [(x, y) for x, y in pts if y is not None]
+    if len(pts) < 4:
+        return None
+    rho, p = spearmanr([x for x, _ in pts], [y for _, y in pts])
+    n, z = len(pts), math.atanh(max(-0.999999, min(0.999999, float(rho))))
+    half = 1.96 * math.sqrt(1.06 / (n - 3))
+    return {"n": n, "rho": float(rho), "ci_low": math.tanh(z - half), "ci_high": math.tanh(z + half), "p": float(p)}
+
+
+def plot_diversity(rows: list[dict], claim: dict, path: Path) -> None:
+    """SDW - Av-PBC (paired mean, 95% t interval) against the dataset's state diversity, one point each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in rows:
+        if r.get("state_diversity") is None or r.get("sdw_minus_avpbc") is None:
+            continue
+        x, y = r["state_diversity"], r["sdw_minus_avpbc"]
+        lo, hi = r.get("ci_low"), r.get("ci_high")
+        err = [[y - lo], [hi - y]] if lo is not None and hi is not None else None
+        ax.errorbar([x], [y], yerr=err, marker="o", capsize=3, color="tab:red")
+        ax.annotate(r["task"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.axhline(0, color="k", linewidth=0.8)
+    ax.set_xlabel("state diversity (mean distance to the 10th nearest state, normalized)")
+    ax.set_ylabel("SDW - Av-PBC (paired by seed, 95% t CI)")
+    rho = f"Spearman rho {claim['rho']:+.2f} [{claim['ci_low']:+.2f}, {claim['ci_high']:+.2f}]"
+    ax.set_title(f"{rho} over {claim['n']} datasets", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _fmt(mean: float | None, std: float | None) -> str:
@@ -267,7 +317,7 @@ def _versus_baseline(r: dict, method: str) -> str:
     return f"{d:+.1f}" + (f" [{lo:+.1f}, {hi:+.1f}]" if lo is not None else "") + f" vs {r['best_baseline']}"
 
 
-def markdown(rows: list[dict], methods: list[str]) -> str:
+def markdown(rows: list[dict], methods: list[str], claim: dict | None = None) -> str:
     head = [
         "dataset",
         "data score",
@@ -300,6 +350,13 @@ def markdown(rows: list[dict], methods: list[str]) -> str:
             "",
             "A run's score averages its last K evaluations (K = 5) that lie in its final 20% of outer steps; "
             f"evaluations per run that entered it: {', '.join(f'{x:g}' for x in scored)}. Baselines: one evaluation.",
+        ]
+    if claim is not None:
+        lines += [
+            "",
+            f"SDW - Av-PBC against the datasets' state diversity, {claim['n']} datasets: Spearman rho "
+            f"{claim['rho']:+.2f} [{claim['ci_low']:+.2f}, {claim['ci_high']:+.2f}] (95%, Fisher z), p = "
+            f"{claim['p']:.3f}; SDW's claim predicts a negative rho (diversity.png).",
         ]
     return "\n".join(lines) + "\n"
 

@@ -106,6 +106,7 @@ class Targets:
     log_density: torch.Tensor | None = None  # (N,) log p(s) up to a constant
     teacher_info: dict | None = None
     artifacts: dict | None = None  # stage-2 files: name -> path
+    state_diversity: float | None = None  # mean distance to the 10th nearest state (normalized), a sample
 
     def targets_and_weights(
         self, method: str, beta: float, density: DensityConfig
@@ -148,6 +149,7 @@ class Targets:
             "transitions": len(self.obs),
             "data_hash": self.data_hash,
             "behaviour_score": self.behaviour_score,
+            "state_diversity_knn10": self.state_diversity,
             "teacher": self.teacher_info,
             "artifacts": self.artifacts,
         }
@@ -212,6 +214,14 @@ def prepare_targets(
         behaviour_score=float(scores.mean()),
         artifacts={"dataset": ds.source, "normalization": str(norm_path)},
     )
+    diversity_path = cache / "state_diversity_knn10.json"  # a property of the dataset: once per dataset
+    if not diversity_path.is_file():
+        from obd.density import state_diversity
+
+        tmp = cache / f"state_diversity_knn10.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(state_diversity(t.obs)))
+        os.replace(tmp, diversity_path)
+    t.state_diversity = float(json.loads(diversity_path.read_text()))
     start = BASELINE_START.get(method, cfg.distill.start)
     if method in ("pbc", "avpbc", "sdw") or start != "real-pairs":
         from obd.devices import resolve_device

@@ -270,3 +270,32 @@ def test_a_cell_failed_as_stale_while_it_ran_does_not_stop_its_worker_and_its_re
     assert calls == [str(tmp_path / "cell")]  # computed once
     states = sorted(t.state.name for t in study.get_trials(deepcopy=False))
     assert states == ["COMPLETE", "FAIL"]
+
+
+def test_the_table_tests_sdws_claim_by_a_rank_correlation_with_state_diversity(tmp_path):
+    """Datasets whose SDW - Av-PBC falls as their state diversity grows give a negative Spearman rho with an
+    interval, a figure and a line in table.md; with fewer than 4 such datasets there is no claim."""
+    from obd.table import build_table, diversity_claim
+
+    tasks = ["hopper-medium", "walker2d-medium", "halfcheetah-medium", "hopper-medium-replay", "walker2d-medium-replay"]
+    results = {}
+    for i, task in enumerate(tasks):
+        for seed in range(3):
+            for method, score in (("avpbc", 30.0 + seed), ("sdw", 30.0 + seed + 4 - 2 * i + 0.1 * seed)):
+                results[(task, method, seed)] = {
+                    "score": score,
+                    "wall_seconds": 1.0,
+                    "data_hash": task,
+                    "transitions": 10,
+                    "behaviour_score": 40.0,
+                    "teacher": None,
+                    "last_k_used": 5,
+                    "state_diversity_knn10": 0.5 + 0.3 * i,
+                }
+    rows = build_table(results, tasks, ["avpbc", "sdw"], "quick", tmp_path)
+    claim = diversity_claim(rows)
+    assert claim is not None and claim["n"] == 5 and claim["rho"] == pytest.approx(-1.0)
+    assert -1 <= claim["ci_low"] < claim["ci_high"] < 0
+    assert (tmp_path / "diversity.png").stat().st_size > 1000
+    assert "Spearman rho -1.00" in (tmp_path / "table.md").read_text()
+    assert diversity_claim(rows[:3]) is None
