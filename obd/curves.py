@@ -212,6 +212,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/curves", help="default results/curves")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
     p.add_argument("--rebuild", action="store_true", help="only rebuild the files from the runs already there")
+    p.add_argument(
+        "--batched", action="store_true", help="each task's runs advanced together (one BPTT call per step for all)"
+    )
     add_config_flags(p, exclude=(*PER_RUN, "outer_steps", "eval_every"))  # e.g. --threads, --start, --alpha
     return p
 
@@ -234,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         layers = [read_yaml(Path(a.config)) or {}] if a.config else []
         flags = config_layer(a)
         layers += [flags, {"outer_steps": a.outer_steps, "eval_every": a.eval_every}]
-        run_all(tasks, methods, parse_seeds(a.seeds), a.budget, out, a.jobs, layers, threads=flags.get("threads", 1))
+        seeds, threads = parse_seeds(a.seeds), flags.get("threads", 1)
+        run_all(tasks, methods, seeds, a.budget, out, a.jobs, layers, batched=a.batched, threads=threads)
     rows = build(out, tasks)
     for r in rows:
         print(

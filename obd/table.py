@@ -468,7 +468,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="runs at once (default: cores, at most 2)")
     p.add_argument("--readme", default=None, help="also fill this file's generated block for OUT (README.md)")
     p.add_argument("--rebuild", action="store_true", help="only rebuild the table from the runs already there")
-    p.add_argument("--batched", action="store_true", help="each task's distillation runs as one batched computation")
+    p.add_argument(
+        "--batched", action="store_true", help="each task's runs advanced together (one BPTT call per step for all)"
+    )
     p.add_argument(
         "--storage",
         default=None,
