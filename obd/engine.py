@@ -262,7 +262,6 @@ class Run:
         from obd.synthetic_set import save_synthetic
         from obd.tracking import publish_run, versions
 
-        self.evaluate()
         c, t = self.cfg, self.targets
         states, actions = self.S.detach().float().cpu(), self.A.detach().float().cpu()
         save_synthetic(
@@ -547,10 +546,9 @@ def run_many(
             raise KeyboardInterrupt
         results: list[dict | Exception] = []
         for r in runs:
-            if r.stopped is not None:
-                results.append(r.stopped)
-            else:
-                results.append(r.finish(t0))
+            if r.stopped is None:
+                r.evaluate()  # the final evaluation (done already unless the run had no step left, or is a baseline)
+            results.append(r.stopped if r.stopped is not None else r.finish(t0))
             r.close_wandb()
         return results
     finally:
