@@ -330,21 +330,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from obd.config import METHODS, build_config
     from obd.errors import ConfigError
+    from obd.flags import PER_RUN, add_config_flags, config_layer
     from obd.tracking import setup_logging
 
     p = argparse.ArgumentParser(prog="python -m obd.targets", description=main.__doc__)
     p.add_argument("source", help="a task name (generated data) or any source obd.train accepts")
     p.add_argument("--method", default="sdw", help="default sdw")
     p.add_argument("--budget", default="quick", help="whose teacher and density settings (default quick)")
-    p.add_argument("--alpha", type=float, default=None, help="SDW's density exponent (default: the budget's)")
+    add_config_flags(p, exclude=PER_RUN)  # e.g. --teacher.td3bc.steps 100000, --alpha 0.3
     a = p.parse_args(argv)
     if a.method not in METHODS:
         raise ConfigError(f"unknown method {a.method!r}; choose from {', '.join(METHODS)}")
     setup_logging()
-    layer: dict = {"data": {"source": a.source}}
-    if a.alpha is not None:
-        layer["density"] = {"alpha": a.alpha}
-    cfg = build_config(a.budget, [layer])  # an unknown budget is a one-line ConfigError here
+    cfg = build_config(a.budget, [{"data": {"source": a.source}}, config_layer(a)])  # an unknown budget: one line
     t = prepare_targets(cfg, a.method)
     print(json.dumps(t.describe(a.method, cfg.distill.beta, cfg.density), indent=1, default=str))
     return 0
