@@ -7,7 +7,9 @@ NAME is a results folder (``results/quick``: the table of ``obd.table``, see
 - ``docs:policies``: the shipped behaviour policies' scores (``obd/behavior/policies/ENV.pt``);
 - ``docs:weights``: where Av-PBC's and SDW's weights go, from the quick runs' ``metrics.json``;
 - ``docs:quick-steps``: the quick runs' Av-PBC mean score at each evaluated step;
-- ``docs:curves``: each dataset's plateau, from ``results/curves/plateau.csv``.
+- ``docs:curves``: each dataset's plateau, from ``results/curves/plateau.csv``;
+- ``docs:teachers``: every teacher a committed run or ``results/teachers/*.json`` (the output of
+  ``python -m obd.targets``) records, its score beside CORL's TD3+BC.
 
 ``--check`` exits 1 when a block differs from what its files give (a test runs it).
 """
@@ -125,11 +127,42 @@ def curves_table(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def teachers_table(root: Path) -> str:
+    from obd.table import NINE
+
+    found: dict[tuple[str, str, str], tuple[dict, str]] = {}
+    files = sorted(root.glob("results/*/runs/*/*/metrics.json")) + sorted(root.glob("results/teachers/*.json"))
+    for p in files:
+        m = json.loads(p.read_text())
+        t = m.get("teacher")
+        if t and t.get("normalized_return"):
+            where = p.relative_to(root).parts[1]
+            found.setdefault((m["task"], t["key"], m.get("data_hash", "")), (t, where))
+    order = {task: i for i, task in enumerate(NINE)}
+    lines = [
+        "| dataset | TD3+BC steps | score +/- s.e. (episodes) | CORL's TD3+BC | of CORL's | dataset hash | in |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = sorted(found.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][0], kv[1][0]["config"]["steps"]))
+    for (task, _, data_hash), (t, where) in rows:
+        nr, corl = t["normalized_return"], t.get("corl_td3bc_score")
+        n = nr.get("episodes") or 0
+        se = nr.get("se")
+        if se is None and n > 1 and nr.get("std") is not None:
+            se = nr["std"] * (n / (n - 1)) ** 0.5 / n**0.5
+        score = f"{nr['mean']:.1f}" + (f" +/- {se:.1f}" if se is not None else "") + f" ({n})"
+        share = f"{100 * nr['mean'] / corl:.0f}%" if corl else "-"
+        steps = f"{t['config']['steps'] // 1000}k"
+        lines.append(f"| {task} | {steps} | {score} | {corl if corl else '-'} | {share} | {data_hash[:8]} | {where} |")
+    return "\n".join(lines) + "\n"
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "docs:policies": policies_table,
     "docs:weights": weights_table,
     "docs:quick-steps": quick_steps_table,
     "docs:curves": curves_table,
+    "docs:teachers": teachers_table,
 }
 
 
