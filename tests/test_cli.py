@@ -150,7 +150,7 @@ def test_run_settings_of_train_table_and_curves_come_from_the_config_dataclasses
         table: {"--tasks", "--methods", "--seeds", "--budget", "--config", "--out", "--jobs", "--readme"}
         | {"--rebuild", "--batched", "--storage", "--worker"},
         curves: {"--tasks", "--methods", "--seeds", "--budget", "--config", "--outer-steps", "--eval-every"}
-        | {"--out", "--jobs", "--rebuild"},
+        | {"--out", "--jobs", "--rebuild", "--batched"},
     }
     for module, mine in own.items():
         flags = {s for a in module.parser()._actions for s in a.option_strings} - {"-h", "--help"}

@@ -203,9 +203,17 @@ def test_table_cells_on_a_storage_survive_a_killed_worker_and_run_once(tmp_path,
     db = storage_url
     args = [sys.executable, "-m", "obd.table", *table_args(tmp_path), "--storage", db]
     main = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    workers = [subprocess.Popen([*args, "--worker"], env=env, cwd=tmp_path) for _ in range(2)]
-    victim, killed = workers[0], None
     deadline = time.time() + 240
+    while time.time() < deadline and main.poll() is None:  # the victim starts once cells are enqueued
+        time.sleep(0.5)
+        try:
+            if len(_cells_of(db, tmp_path / "res")) >= 6:
+                break
+        except Exception:  # the study is not created yet
+            continue
+    # the second worker starts after the kill, so that the victim, however slow to start, gets a cell
+    victim, killed = subprocess.Popen([*args, "--worker"], env=env, cwd=tmp_path), None
+    workers = [victim]
     while killed is None and time.time() < deadline and main.poll() is None:
         time.sleep(0.5)
         try:
@@ -218,6 +226,7 @@ def test_table_cells_on_a_storage_survive_a_killed_worker_and_run_once(tmp_path,
             if t.state == TrialState.RUNNING and mine and ckpt and list((tmp_path / ckpt).glob("checkpoints/state.pt")):
                 victim.send_signal(signal.SIGKILL)  # dies in the middle of a cell, after a checkpoint
                 killed = t.user_attrs["cell"]
+                workers.append(subprocess.Popen([*args, "--worker"], env=env, cwd=tmp_path))
                 break
     _, err = main.communicate(timeout=300)
     for w in workers:
