@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from obd.bptt import Workspace, outer_grad, outer_grad_one
+from obd.bptt import PRODUCTS, Workspace, outer_grad, outer_grad_one
 from obd.config import DensityConfig
 from obd.density import density_weights
 from obd.distill import outer_grad_unrolled
@@ -64,11 +64,18 @@ def bench_outer(repeat: int) -> dict:
         )
         out[f"{name}_fast_s"], out[f"{name}_ref_s"] = fast, ref
 
-    def bf16():  # distill.inner_precision: bfloat16 (the products in bf16 under autocast)
+    ws16 = Workspace()
+
+    def bf16():  # distill.inner_precision: bfloat16 (the kernel's products in bf16)
+        return outer_grad_one(S, A, p0, obs, target, q_w, 100, 0.1, workspace=ws16, products=torch.bfloat16)
+
+    def bf16_autocast():  # the same products under torch.autocast, through the autograd unroll
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return outer_grad_unrolled(S, A, p0, obs, target, q_w, 100, 0.1)
 
-    out["avpbc_bf16_s"] = _time(bf16, repeat)
+    out["avpbc_bf16_s"], out["avpbc_bf16_autocast_s"] = _time_pair(bf16, bf16_autocast, repeat)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    out["gemm_floor_bf16_s"] = _time(lambda: [torch.mm(a16, b16) for _ in range(18 * 100)], repeat)
     exact = outer_grad_one(
         S.double(), A.double(), [q.double() for q in p0], obs.double(), target.double(), q_w.double(), 100, 0.1
     )
@@ -181,25 +188,30 @@ def _published_batch(device: torch.device, k: int) -> tuple:
 def bench_runs(device: torch.device, ks: tuple[int, ...] = (1, 8), repeat: int = 2, graph: bool = True) -> dict:
     """Seconds per run per outer iteration (published sizes) when K runs advance together through the one
     BPTT kernel as the engine calls it (its workspace kept; on CUDA captured as a graph unless ``graph``
-    is False)."""
+    is False), with float32 products (key "K") and bf16 products (key "K-bf16")."""
     out: dict[str, float] = {}
     for k in ks:
         args = _published_batch(device, k)
-        ws = Workspace()
-        fn: Any = outer_grad
-        if graph and device.type == "cuda":
-            from obd.cuda_graphs import Graphed
+        for precision, products in PRODUCTS.items():
+            ws = Workspace()
+            fn: Any = outer_grad
+            if graph and device.type == "cuda":
+                from obd.cuda_graphs import Graphed
 
-            fn = Graphed(outer_grad, keepalive=lambda: ws)  # noqa: B023 (used within this iteration)
+                fn = Graphed(outer_grad, keepalive=lambda: ws)  # noqa: B023 (used within this iteration)
 
-        def step(args: tuple = args, fn: Any = fn, ws: Workspace = ws) -> None:
-            fn(*args, workspace=ws)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            def step(args: tuple = args, fn: Any = fn, ws: Workspace = ws, products: Any = products) -> None:
+                fn(*args, workspace=ws, products=products)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
 
-        out[str(k)] = _time(step, max(1, repeat if k < 32 else 1)) / k
-        how = "graph" if fn is not outer_grad else "eager"
-        print(f"  K = {k:>2} runs together on {device.type} ({how}): {out[str(k)]:.3f} s per run per outer iteration")
+            key = str(k) if products is None else f"{k}-bf16"
+            out[key] = _time(step, max(1, repeat if k < 32 else 1)) / k
+            how = "graph" if fn is not outer_grad else "eager"
+            print(
+                f"  K = {k:>2} runs together on {device.type} ({how}, {precision} products): {out[key]:.3f} s per "
+                "run per outer iteration"
+            )
     return out
 
 
@@ -332,8 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"  floor: the 1,800 matrix products of 256^3 alone take {outer['gemm_floor_s']:.3f} s", flush=True)
     print(
-        f"  bf16 inner products (autocast, autograd unroll): {outer['avpbc_bf16_s']:.3f} s; relative error of "
-        f"dL/dS against float64: float32 {outer['fp32_grad_rel_err']:.3f}, bf16 {outer['bf16_grad_rel_err']:.3f}",
+        f"  bf16 inner products (distill.inner_precision bfloat16): {outer['avpbc_bf16_s']:.3f} s "
+        f"(autocast through the autograd unroll: {outer['avpbc_bf16_autocast_s']:.3f} s; bf16 products alone: "
+        f"{outer['gemm_floor_bf16_s']:.3f} s); relative error of dL/dS against float64: float32 "
+        f"{outer['fp32_grad_rel_err']:.3f}, bf16 {outer['bf16_grad_rel_err']:.3f}",
         flush=True,
     )
     x = np.random.default_rng(0).standard_normal((a.density_n, 17)).astype(np.float32)
@@ -370,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         "outer_iter_sdw_ref_s": outer["sdw_ref_s"],
         "outer_iter_gemm_floor_s": outer["gemm_floor_s"],
         "outer_iter_bf16_s": outer["avpbc_bf16_s"],
+        "outer_iter_bf16_autocast_s": outer["avpbc_bf16_autocast_s"],
+        "gemm_floor_bf16_s": outer["gemm_floor_bf16_s"],
         "outer_grad_rel_err": {"float32": outer["fp32_grad_rel_err"], "bfloat16": outer["bf16_grad_rel_err"]},
         "density_1m_s": dens,
         "density_n": a.density_n,

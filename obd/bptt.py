@@ -38,6 +38,10 @@ def outer_loss(params: Params, obs: Tensor, target: Tensor, weight: Tensor) -> T
     return (weight * ((policy_forward(params, obs) - target) ** 2).mean(2)).mean(1)
 
 
+# DistillConfig.inner_precision -> the kernel's ``products`` dtype (None: the tape's own)
+PRODUCTS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
+
+
 class Workspace:
     """Preallocated tape of the forward sweep, reused by every call of the same shape (the last shape
     only). Step slots 0..kept-1 hold the backpropagated steps; activation slot ``kept`` is scratch for
@@ -54,8 +58,10 @@ class Workspace:
         self._scales_key: tuple | None = None
         self._scales: tuple[Tensor, Tensor] | None = None
 
-    def prepare(self, internal: Params, n: int, kept: int) -> None:
-        key = (tuple(q.shape for q in internal), internal[0].dtype, internal[0].device, n, kept)
+    def prepare(self, internal: Params, n: int, kept: int, low: torch.dtype | None = None) -> None:
+        """``low``: the dtype of the hidden layers' activations and errors (bf16 products), else the
+        parameters' dtype."""
+        key = (tuple(q.shape for q in internal), internal[0].dtype, internal[0].device, n, kept, low)
         if key == self.key:
             return
         self.key, self.P, self.h, self.d = None, [], [], []  # free the old tape first
@@ -63,8 +69,8 @@ class Workspace:
         self.P = [torch.empty(kept + 3, *q.shape, dtype=dt, device=dev) for q in internal]
         widths = [internal[2 * i].shape[2] for i in range(len(internal) // 2 - 1)]
         act = internal[-2].shape[1]
-        self.h = [torch.empty(kept + 1, K, n, w, dtype=dt, device=dev) for w in widths]
-        self.d = [torch.empty(kept + 1, K, n, w, dtype=dt, device=dev) for w in widths]
+        self.h = [torch.empty(kept + 1, K, n, w, dtype=low or dt, device=dev) for w in widths]
+        self.d = [torch.empty(kept + 1, K, n, w, dtype=low or dt, device=dev) for w in widths]
         self.yT, self.eT, self.dT = (torch.empty(kept + 1, K, act, n, dtype=dt, device=dev) for _ in range(3))
         self.kept, self.key, self._scales_key = kept, key, None
 
@@ -92,6 +98,52 @@ class Workspace:
         return t - first if t >= first else self.kept
 
 
+class Products:
+    """The kernel's batched matrix products: in the tape's dtype, or (``low`` = torch.bfloat16) on bf16
+    copies of both factors with float32 accumulation, each product rounded to bf16 (as under
+    ``torch.autocast``) and added into the float32 tape. Everything else (the inner SGD updates, the
+    tape, the outer loss) stays in the tape's dtype. A factor used by several products is converted
+    once until :meth:`clear` (called per inner step); the cache holds its source, so no other tensor
+    can take its address meanwhile."""
+
+    def __init__(self, low: torch.dtype | None = None):
+        self.low = low
+        self.cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def clear(self) -> None:
+        self.cache.clear()
+
+    def _low(self, x: Tensor) -> Tensor:
+        if x.dtype == self.low:
+            return x
+        transposed = not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+        base = x.transpose(1, 2) if transposed else x
+        key = (base.data_ptr(), base._version, tuple(base.shape), base.stride())
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = self.cache[key] = (base, base.to(self.low))
+        return hit[1].transpose(1, 2) if transposed else hit[1]
+
+    def bmm(self, a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+        if self.low is None:
+            return torch.bmm(a, b, out=out)
+        r = torch.bmm(self._low(a), self._low(b))
+        return r if out is None else out.copy_(r)
+
+    def baddbmm(self, c: Tensor, a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+        """c + a @ b (c broadcast like torch.baddbmm's input)."""
+        if self.low is None:
+            return torch.baddbmm(c, a, b, out=out)
+        r = torch.bmm(self._low(a), self._low(b))
+        return r.add_(c) if out is None else torch.add(c, r, out=out)
+
+    def baddbmm_(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """x += a @ b in place."""
+        if self.low is None:
+            return x.baddbmm_(a, b)
+        return x.add_(torch.bmm(self._low(a), self._low(b)))
+
+
 def outer_grad(
     S: Tensor,
     A: Tensor,
@@ -103,14 +155,17 @@ def outer_grad(
     lr: Sequence[float],
     truncate: Sequence[int | None] | None = None,
     workspace: Workspace | None = None,
+    products: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(L_out (K,), dL/dS (K, n, d), dL/dA (K, n, a)) of K runs; see the module docstring.
 
     ``truncate[k]``: backpropagate run k through its last ``truncate[k]`` inner steps only (None: all,
-    the exact gradient). ``workspace``: the tape to reuse (a fresh one when None)."""
+    the exact gradient). ``workspace``: the tape to reuse (a fresh one when None). ``products``:
+    torch.bfloat16 for bf16 matrix products (:class:`Products`), None for the tape's dtype."""
     S, A = S.detach(), A.detach()
     K, n, a = A.shape
     L = len(params0) // 2
+    mm = Products(products)
     assert L >= 2, "the policy needs at least one hidden layer"
     assert len(steps) == len(lr) == K, "one inner-step count and learning rate per run"
     windows = [int(s) if w is None else min(int(s), int(w)) for s, w in zip(steps, truncate or [None] * K)]
@@ -119,17 +174,18 @@ def outer_grad(
     first = min(s - w for s, w in zip(steps, windows))  # the earliest step any run backpropagates through
     ws = workspace if workspace is not None else Workspace()
     p0 = _to_internal([q.detach() for q in params0])
-    ws.prepare(p0, n, T - first)
+    ws.prepare(p0, n, T - first, products)
     fscale, bscale = ws.scales(steps, lr, windows)
     AT = A.transpose(1, 2).contiguous()
     for q, src in zip(ws.params(ws.param_slot(0, first)), p0):
         q.copy_(src)
     for t in range(T):
+        mm.clear()
         k = ws.act_slot(t, first)
         p = ws.params(ws.param_slot(t, first))
-        hs, _, _, dT = _forward_store(p, S, AT, c, L, ws, k)
-        deltas = _backward_deltas(p, hs, dT, L, ws, k)
-        for q_new, q, g in zip(ws.params(ws.param_slot(t + 1, first)), p, _grads(hs, deltas, dT)):
+        hs, _, _, dT = _forward_store(p, S, AT, c, L, ws, k, mm)
+        deltas = _backward_deltas(p, hs, dT, L, ws, k, mm)
+        for q_new, q, g in zip(ws.params(ws.param_slot(t + 1, first)), p, _grads(hs, deltas, dT, mm)):
             torch.addcmul(q, g, fscale[t], out=q_new)
     with torch.enable_grad():
         p_T = ws.params(ws.param_slot(T, first))
@@ -138,9 +194,10 @@ def outer_grad(
         lam = _to_internal([g.detach() for g in torch.autograd.grad(losses.sum(), leaf)])  # runs are separate
     gS, gAT = torch.zeros_like(S), torch.zeros_like(AT)
     for t in range(T - 1, first - 1, -1):
+        mm.clear()
         k = t - first
         hs = [S, *(h[k] for h in ws.h)]
-        hv, rs, raT = _hvp(ws.params(k), hs, ws.yT[k], ws.eT[k], ws.dT[k], [d[k] for d in ws.d], lam, c, L)
+        hv, rs, raT = _hvp(ws.params(k), hs, ws.yT[k], ws.eT[k], ws.dT[k], [d[k] for d in ws.d], lam, c, L, mm)
         torch._foreach_addcmul_(lam, hv, [bscale[t]] * len(lam))
         gS.addcmul_(rs, bscale[t])
         gAT.addcmul_(raT, bscale[t])
@@ -158,11 +215,12 @@ def outer_grad_one(
     lr: float,
     truncate: int | None = None,
     workspace: Workspace | None = None,
+    products: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One run (K = 1) in the single-run shapes: S (n, d), params0 [W (in, out), b (out,), ...], obs (B, d)."""
     p = [q.unsqueeze(0) if i % 2 == 0 else q.view(1, 1, -1) for i, q in enumerate(params0)]
     loss, gS, gA = outer_grad(
-        S[None], A[None], p, obs[None], target[None], weight[None], (steps,), (lr,), (truncate,), workspace
+        S[None], A[None], p, obs[None], target[None], weight[None], (steps,), (lr,), (truncate,), workspace, products
     )
     return loss[0], gS[0], gA[0]
 
@@ -177,14 +235,14 @@ _from_internal = _to_internal
 
 
 def _forward_store(
-    p: Params, S: Tensor, AT: Tensor, c: float, L: int, ws: Workspace, k: int
+    p: Params, S: Tensor, AT: Tensor, c: float, L: int, ws: Workspace, k: int, mm: Products
 ) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
     """Inputs of every layer [S, h_1, .., h_{L-1}] (post-ReLU), the output y^T = tanh(z_L)^T, the error
     e^T = (y - A)^T and the output delta^T = dL/dz_L^T, the last three (K, act_dim, n); into slot k."""
     hs = [S]
     for i in range(L - 1):
-        hs.append(torch.relu_(torch.baddbmm(p[2 * i + 1], hs[-1], p[2 * i], out=ws.h[i][k])))
-    yT = torch.tanh_(torch.baddbmm(p[-1], p[-2], hs[-1].transpose(1, 2), out=ws.yT[k]))
+        hs.append(torch.relu_(mm.baddbmm(p[2 * i + 1], hs[-1], p[2 * i], out=ws.h[i][k])))
+    yT = torch.tanh_(mm.baddbmm(p[-1], p[-2], hs[-1].transpose(1, 2), out=ws.yT[k]))
     eT = torch.sub(yT, AT, out=ws.eT[k])
     dT = torch.mul(yT, yT, out=ws.dT[k]).neg_().add_(1).mul_(eT).mul_(c)
     return hs, yT, eT, dT
@@ -195,23 +253,34 @@ def _relu_grad_(x: Tensor, h: Tensor) -> Tensor:
     return torch.ops.aten.threshold_backward.grad_input(x, h, 0.0, grad_input=x)
 
 
-def _backward_deltas(p: Params, hs: list[Tensor], dT: Tensor, L: int, ws: Workspace, k: int) -> list[Tensor]:
+def _backward_deltas(
+    p: Params, hs: list[Tensor], dT: Tensor, L: int, ws: Workspace, k: int, mm: Products
+) -> list[Tensor]:
     """dL/dz_l for the hidden layers l = 1..L-1, each (K, n, width), into slot k."""
-    deltas = [_relu_grad_(torch.bmm(dT.transpose(1, 2), p[-2], out=ws.d[L - 2][k]), hs[L - 1])]
+    deltas = [_relu_grad_(mm.bmm(dT.transpose(1, 2), p[-2], out=ws.d[L - 2][k]), hs[L - 1])]
     for i in range(L - 2, 0, -1):
-        deltas.append(_relu_grad_(torch.bmm(deltas[-1], p[2 * i].transpose(1, 2), out=ws.d[i - 1][k]), hs[i]))
+        deltas.append(_relu_grad_(mm.bmm(deltas[-1], p[2 * i].transpose(1, 2), out=ws.d[i - 1][k]), hs[i]))
     return deltas[::-1]
 
 
-def _grads(hs: list[Tensor], deltas: list[Tensor], dT: Tensor) -> Params:
+def _grads(hs: list[Tensor], deltas: list[Tensor], dT: Tensor, mm: Products) -> Params:
     out: Params = []
     for h, d in zip(hs, deltas):
-        out += [torch.bmm(h.transpose(1, 2), d), d.sum(1, keepdim=True)]
-    return out + [torch.bmm(dT, hs[-1]), dT.sum(2, keepdim=True)]
+        out += [mm.bmm(h.transpose(1, 2), d), d.sum(1, keepdim=True)]
+    return out + [mm.bmm(dT, hs[-1]), dT.sum(2, keepdim=True)]
 
 
 def _hvp(
-    p: Params, hs: list[Tensor], yT: Tensor, eT: Tensor, dT: Tensor, deltas: list[Tensor], v: Params, c: float, L: int
+    p: Params,
+    hs: list[Tensor],
+    yT: Tensor,
+    eT: Tensor,
+    dT: Tensor,
+    deltas: list[Tensor],
+    v: Params,
+    c: float,
+    L: int,
+    mm: Products,
 ) -> tuple[Params, Tensor, Tensor]:
     """R_v of (grad_theta L, grad_S L, grad_A^T L) at p: the Hessian-vector product H v and the
     mixed terms (d grad_theta L / dS)^T v, (d grad_theta L / dA^T)^T v, per run; internal layout."""
@@ -219,29 +288,29 @@ def _hvp(
     # R-forward: tangents of the hidden activations along v (the input S has none)
     r_hs: list[Tensor | None] = [None]
     for i in range(L - 1):
-        rz = torch.baddbmm(v[2 * i + 1], hs[i], v[2 * i])
+        rz = mm.baddbmm(v[2 * i + 1], hs[i], v[2 * i])
         prev_r = r_hs[-1]
         if prev_r is not None:
-            rz.baddbmm_(prev_r, p[2 * i])
+            mm.baddbmm_(rz, prev_r, p[2 * i])
         r_hs.append(_relu_grad_(rz, hs[i + 1]))
     last = r_hs[-1]
     assert last is not None  # L >= 2: at least one hidden layer has a tangent
-    rzT = torch.baddbmm(v[-1], v[-2], tr(hs[-1])).baddbmm_(p[-2], tr(last))
+    rzT = mm.baddbmm_(mm.baddbmm(v[-1], v[-2], tr(hs[-1])), p[-2], tr(last))
     r_yT = (1 - yT * yT).mul_(rzT)  # (1 - y^2) R z
     r_dT = (1 - yT * yT).sub_(2 * yT * eT).mul_(r_yT).mul_(c)
     hv: list[Tensor | None] = [None] * len(p)
-    hv[-2] = torch.baddbmm(torch.bmm(r_dT, hs[-1]), dT, last)
+    hv[-2] = mm.baddbmm(mm.bmm(r_dT, hs[-1]), dT, last)
     hv[-1] = r_dT.sum(2, keepdim=True)
     # R delta of the last hidden layer: (R delta_L W_L^T + delta_L V_L^T) * relu'
-    r_d = _relu_grad_(torch.baddbmm(torch.bmm(tr(dT), v[-2]), tr(r_dT), p[-2]), hs[L - 1])
+    r_d = _relu_grad_(mm.baddbmm(mm.bmm(tr(dT), v[-2]), tr(r_dT), p[-2]), hs[L - 1])
     prev = r_d
     for i in range(L - 2, -1, -1):
         d, h, rh = deltas[i], hs[i], r_hs[i]
-        gw = torch.bmm(tr(h), r_d)
+        gw = mm.bmm(tr(h), r_d)
         if rh is not None:
-            gw.baddbmm_(tr(rh), d)
+            mm.baddbmm_(gw, tr(rh), d)
         hv[2 * i], hv[2 * i + 1] = gw, r_d.sum(1, keepdim=True)
-        prev = torch.baddbmm(torch.bmm(d, tr(v[2 * i])), r_d, tr(p[2 * i]))
+        prev = mm.baddbmm(mm.bmm(d, tr(v[2 * i])), r_d, tr(p[2 * i]))
         if i > 0:
             r_d = _relu_grad_(prev, h)
     return [q for q in hv if q is not None], prev, -c * r_yT

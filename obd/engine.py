@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from obd.bptt import Workspace, outer_grad
+from obd.bptt import PRODUCTS, Workspace, outer_grad
 from obd.config import BASELINE_START, DistillConfig, RunConfig, to_dict
 from obd.errors import ConfigError, ObdError, check_writable
 from obd.policy import Params, init_policy, stack_params
@@ -70,22 +70,28 @@ def outer_gradients(
     weight: Tensor,
     steps: Sequence[int],
     unrolled: Sequence[bool] | None = None,
-    workspace: Workspace | None = None,
+    workspaces: dict[str, Workspace] | None = None,
     graphed: Any = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(L_out (K,), dL/dS (K, n, d), dL/dA (K, n, a)) of K runs at their outer ``steps`` (shapes as
-    :mod:`obd.bptt`). Runs with ``unrolled[k]`` or bf16 inner products take the autograd unroll
-    (:func:`obd.distill.outer_grad_unrolled`, one by one); the others one :func:`obd.bptt.outer_grad`
-    call (``graphed``: its :class:`obd.cuda_graphs.Graphed`)."""
+    :mod:`obd.bptt`). Runs with ``unrolled[k]`` take the autograd unroll
+    (:func:`obd.distill.outer_grad_unrolled`, one by one; bf16 products under ``torch.autocast``); the
+    others one :func:`obd.bptt.outer_grad` call per inner precision, each with its tape from
+    ``workspaces`` (``graphed``: the :class:`obd.cuda_graphs.Graphed` kernel, used when all the runs
+    share one precision)."""
     from obd.distill import outer_grad_unrolled
 
     K, dev, dt = S.shape[0], S.device, S.dtype
     obs, target, weight = obs.to(dt), target.to(dt), weight.to(dt)
     inits = [[q.to(dev, dt) for q in fresh_policy(c, S.shape[2], A.shape[2], st)] for c, st in zip(cfgs, steps)]
-    slow = [k for k, c in enumerate(cfgs) if (unrolled and unrolled[k]) or c.inner_precision == "bfloat16"]
-    fast = [k for k in range(K) if k not in slow]
+    slow = [k for k in range(K) if unrolled and unrolled[k]]
+    groups: dict[str, list[int]] = {}
+    for k in range(K):
+        if k not in slow:
+            groups.setdefault(cfgs[k].inner_precision, []).append(k)
+    workspaces = {} if workspaces is None else workspaces
     loss, gS, gA = torch.empty(K, dtype=dt, device=dev), torch.empty_like(S), torch.empty_like(A)
-    if fast:
+    for precision, fast in groups.items():
         rows = fast if len(fast) < K else slice(None)
         sub = [cfgs[k] for k in fast]
         args = (
@@ -98,19 +104,17 @@ def outer_gradients(
             tuple(c.inner_steps for c in sub),
             tuple(c.inner_lr for c in sub),
         )
-        truncate = tuple(c.truncate for c in sub)
-        if graphed is not None:
-            loss[rows], gS[rows], gA[rows] = graphed(*args, truncate=truncate, workspace=workspace)
-        else:
-            loss[rows], gS[rows], gA[rows] = outer_grad(*args, truncate=truncate, workspace=workspace)
+        kw: dict[str, Any] = {
+            "truncate": tuple(c.truncate for c in sub),
+            "workspace": workspaces.setdefault(precision, Workspace()),
+            "products": PRODUCTS[precision],
+        }
+        kernel = graphed if graphed is not None and len(groups) == 1 else outer_grad
+        loss[rows], gS[rows], gA[rows] = kernel(*args, **kw)
     for k in slow:
         c = cfgs[k]
         args1 = (S[k], A[k], inits[k], obs[k], target[k], weight[k], c.inner_steps, c.inner_lr)
-        if c.inner_precision == "bfloat16":
-            # the matrix products in bf16 with float32 accumulation, the rest (SGD updates, the set) in float32
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
-                out = outer_grad_unrolled(*args1)
-        else:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=c.inner_precision == "bfloat16"):
             out = outer_grad_unrolled(*args1)
         loss[k], gS[k], gA[k] = (x.to(dt) for x in out)
     return loss, gS, gA
@@ -324,14 +328,14 @@ def _lightning_parts(runs: list[Run], interrupt: _Interrupt, t0: float):
             self.automatic_optimization = False
             self.states = nn.ParameterList([r.S for r in runs])
             self.actions = nn.ParameterList([r.A for r in runs])
-            self.workspace = Workspace()  # the BPTT tape, reused every step
+            self.workspaces: dict[str, Workspace] = {}  # the BPTT tapes (one per inner precision), reused
             self.graphed: Any = None
             self.stepped: list[Run] = []
             dev = runs[0].S.device
             if dev.type == "cuda" and all(r.cfg.distill.cuda_graph for r in runs):
                 from obd.cuda_graphs import Graphed
 
-                self.graphed = Graphed(outer_grad, keepalive=lambda: self.workspace)
+                self.graphed = Graphed(outer_grad, keepalive=lambda: self.workspaces)
 
         def configure_optimizers(self):
             return [r.opt for r in runs]
@@ -356,7 +360,7 @@ def _lightning_parts(runs: list[Run], interrupt: _Interrupt, t0: float):
                 weight,
                 [r.step for r in self.stepped],
                 [r.cfg.grad_fn == "unrolled" for r in self.stepped],
-                self.workspace,
+                self.workspaces,
                 self.graphed,
             )
             for k, r in enumerate(self.stepped):

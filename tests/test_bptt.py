@@ -53,6 +53,55 @@ def test_k_runs_get_each_the_gradient_of_the_autograd_unroll_in_float64(truncate
             assert not torch.allclose(gS[k], gS2)  # the early steps' contributions are dropped
 
 
+@pytest.mark.parametrize("truncate", [None, (1, 3, 2)])
+def test_products_in_a_lower_precision_than_the_tape_keep_its_accuracy(truncate):
+    """The kernel with its products in float32 on a float64 tape (every factor converted through the
+    products' cache, activations and errors stored in float32) is the float64 gradient to float32
+    accuracy: no product reads a stale or wrong conversion."""
+    runs = stacked([problem(s) for s in range(3)])
+    steps, lrs = (2, 5, 3), (0.5, 0.3, 0.2)
+    exact = outer_grad(*runs, steps, lrs, truncate)
+    low = outer_grad(*runs, steps, lrs, truncate, Workspace(), products=torch.float32)
+    for x, y in zip(low, exact):
+        assert x.dtype == torch.float64
+        assert 0 < float((x - y).norm() / y.norm()) < 1e-5
+
+
+def test_bf16_products_are_as_accurate_as_autocast_and_run_by_run():
+    """inner_precision bfloat16: the kernel's bf16 products give a float32 gradient no farther from the
+    float64 one than the autograd unroll under torch.autocast (the bf16 reference); K runs in one call
+    get each the gradient it gets alone."""
+    g = torch.Generator().manual_seed(0)
+    n, d, a, B = 64, 11, 3, 256
+    runs = []
+    for _ in range(2):
+        p0 = init_policy(d, a, (64, 64), g)
+        runs.append(
+            (
+                torch.randn(n, d, generator=g),
+                torch.rand(n, a, generator=g) * 2 - 1,
+                p0,
+                torch.randn(B, d, generator=g),
+                torch.rand(B, a, generator=g) * 2 - 1,
+                torch.rand(B, generator=g),
+            )
+        )
+    both = outer_grad(*stacked(runs), (20, 20), (0.1, 0.1), products=torch.bfloat16)
+    for k, (s, a_, p, o, t, w) in enumerate(runs):
+        exact = outer_grad_one(
+            s.double(), a_.double(), [q.double() for q in p], o.double(), t.double(), w.double(), 20, 0.1
+        )
+        one = outer_grad(*stacked([runs[k]]), (20,), (0.1,), products=torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = outer_grad_unrolled(s, a_, p, o, t, w, 20, 0.1)
+        for i in (1, 2):
+            assert both[i].dtype == torch.float32
+            torch.testing.assert_close(both[i][k], one[i][0], rtol=1e-5, atol=1e-7)
+            err = float((both[i][k].double() - exact[i]).norm() / exact[i].norm())
+            err_auto = float((auto[i].double() - exact[i]).norm() / exact[i].norm())
+            assert 0 < err <= 1.5 * err_auto and err < 0.2
+
+
 def test_a_dropped_run_changes_nothing_for_the_others_and_the_workspace_is_reused():
     runs = [problem(s) for s in range(3)]
     S, A, p0, obs, target, weight = stacked(runs)
