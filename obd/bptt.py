@@ -127,20 +127,22 @@ class Products:
     def bmm(self, a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
         if self.low is None:
             return torch.bmm(a, b, out=out)
-        r = torch.bmm(self._low(a), self._low(b))
-        return r if out is None else out.copy_(r)
+        if out is None or out.dtype == self.low:
+            return torch.bmm(self._low(a), self._low(b), out=out)
+        return out.copy_(torch.bmm(self._low(a), self._low(b)))
 
     def baddbmm(self, c: Tensor, a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
         """c + a @ b (c broadcast like torch.baddbmm's input)."""
         if self.low is None:
             return torch.baddbmm(c, a, b, out=out)
-        r = torch.bmm(self._low(a), self._low(b))
-        return r.add_(c) if out is None else torch.add(c, r, out=out)
+        if out is None or out.dtype == self.low:
+            return torch.baddbmm(self._low(c), self._low(a), self._low(b), out=out)
+        return torch.add(c, torch.bmm(self._low(a), self._low(b)), out=out)
 
     def baddbmm_(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         """x += a @ b in place."""
-        if self.low is None:
-            return x.baddbmm_(a, b)
+        if self.low is None or x.dtype == self.low:
+            return x.baddbmm_(self._low(a), self._low(b)) if self.low else x.baddbmm_(a, b)
         return x.add_(torch.bmm(self._low(a), self._low(b)))
 
 
