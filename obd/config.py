@@ -134,7 +134,7 @@ class DistillConfig:
     beta: float = field(default=0.02, metadata=_rng(gt=0))  # Av-PBC weight = beta * Q(s, pi*(s))
     truncate: int | None = field(default=None, metadata=_rng(1))  # truncated BPTT: the last K inner steps only
     cuda_graph: bool = True  # on CUDA: the outer iteration captured once and replayed (obd.cuda_graphs)
-    inner_precision: InnerPrecision = "float32"  # bfloat16: the inner products in bf16 (autocast; README)
+    inner_precision: InnerPrecision = "float32"  # bfloat16: the kernel's products in bf16 (docs/performance.md)
     seed: int = field(default=0, metadata=_rng(0))  # the run seed: init, batches, evaluation
 
 
