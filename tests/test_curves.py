@@ -110,3 +110,25 @@ def test_runs_of_one_dataset_on_two_generated_versions_are_refused(tmp_path):
         (d / "metrics.json").write_text(json.dumps(m))
     with pytest.raises(ObdError, match="2 different datasets"):
         build(tmp_path)
+
+
+def test_the_docs_table_marks_av_pbc_within_2_of_the_published_score_in_15_cpu_minutes(tmp_path):
+    """docs:curves: an Av-PBC plateau within 2 points of the published score (or above) reached within 15
+    CPU minutes is marked yes; one too low or too slow no; SDW rows show SDW's published score."""
+    from obd.docs import curves_table
+
+    (tmp_path / "results" / "curves").mkdir(parents=True)
+    cols = (
+        "task,method,seeds,outer_steps,plateau_score,plateau_se,last_third_change,flat,steps_to_plateau,"
+        "cpu_seconds_to_plateau"
+    )
+    rows = [
+        "halfcheetah-medium,avpbc,3,600,35.0,0.5,0.1,True,400,216.0",  # published 36.9: within 2
+        "hopper-medium,avpbc,3,900,30.0,0.5,0.1,True,400,216.0",  # published 32.5: 2.5 below
+        "walker2d-medium,avpbc,1,3000,45.0,,0.1,True,2900,1000.0",  # above, but after 16.7 CPU min
+        "halfcheetah-medium,sdw,3,600,38.2,0.2,0.4,True,400,213.0",
+    ]
+    (tmp_path / "results" / "curves" / "plateau.csv").write_text("\n".join([cols, *rows]) + "\n")
+    lines = curves_table(tmp_path).splitlines()[2:]
+    assert [line.rstrip(" |").rsplit("| ", 1)[1] for line in lines] == ["yes", "no", "no", "-"]
+    assert "| 39.5 |" in lines[3]  # SDW's published halfcheetah-medium score, not Av-PBC's
