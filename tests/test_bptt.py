@@ -162,10 +162,12 @@ def test_graph_signature_inputs_and_constants():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cuda_graph_replay_equals_eager(dtype):
+@pytest.mark.parametrize(
+    "dtype,products", [(torch.float64, None), (torch.float32, None), (torch.float32, torch.bfloat16)]
+)
+def test_cuda_graph_replay_equals_eager(dtype, products):
     """The outer iteration captured once and replayed gives what the eager call gives on the same device,
-    for new inputs of the same shape, without recapturing (one run and K runs)."""
+    for new inputs of the same shape, without recapturing (one run and K runs; bf16 products too)."""
     from obd.cuda_graphs import Graphed
 
     tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-7}
@@ -175,8 +177,8 @@ def test_cuda_graph_replay_equals_eager(dtype):
         graphed = Graphed(outer_grad, keepalive=lambda ws=ws: ws)
         for seed in range(3):
             args = tuple(cuda(x) for x in stacked([problem(seed + 10 * k) for k in range(K)]))
-            eager = outer_grad(*args, steps, lrs, workspace=Workspace())
-            replay = graphed(*args, steps, lrs, workspace=ws)
+            eager = outer_grad(*args, steps, lrs, workspace=Workspace(), products=products)
+            replay = graphed(*args, steps, lrs, workspace=ws, products=products)
             for e, r in zip(eager, replay):
                 torch.testing.assert_close(r, e, **tol)
         assert graphed.captures == 1
