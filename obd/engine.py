@@ -530,11 +530,15 @@ def run_many(
     try:
         if any(r.active for r in distilling):
             module, progress = _lightning_parts(distilling, interrupt, t0)
+            callbacks: list[pl.Callback] = [progress]
+            if show_progress and not sys.stdout.isatty():
+                # in a log file the rich bar draws only at the end: a plain bar every 10 steps instead
+                callbacks.append(pl.callbacks.TQDMProgressBar(refresh_rate=10))
             trainer = pl.Trainer(
                 max_epochs=1,  # one pass over the runs' batches: each run to its last outer step
                 logger=False,
                 enable_checkpointing=False,
-                callbacks=[progress],
+                callbacks=callbacks,
                 enable_progress_bar=show_progress,
                 enable_model_summary=False,
                 accelerator=lightning_accelerator(device),

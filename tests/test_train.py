@@ -184,6 +184,14 @@ def test_tiny_run_lowers_outer_loss_and_saves(tmp_path):
     assert res["task"] == "hopper-random" and len(res["policy_scores"]) == 3 and len(res["episode_scores"][0]) == 2
 
 
+def test_a_run_logged_to_a_file_shows_its_progress_while_it_runs(tmp_path, capsys):
+    """Outside a terminal (a log file, a pipe) the progress bar is written every 10 outer steps, not
+    drawn once at the end."""
+    run(tiny_cfg(tmp_path, outer_steps=20, eval_every=0, wandb=False), show_progress=True)
+    out = capsys.readouterr()
+    assert "10/20" in out.out + out.err
+
+
 @pytest.mark.slow
 def test_resume_gives_the_uninterrupted_result(tmp_path):
     """Bug (issue 9): resume read global_step by loading the whole checkpoint with weights_only=False and
