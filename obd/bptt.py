@@ -114,7 +114,7 @@ class Products:
         self.cache.clear()
 
     def _low(self, x: Tensor) -> Tensor:
-        if x.dtype == self.low:
+        if self.low is None or x.dtype == self.low:
             return x
         transposed = not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
         base = x.transpose(1, 2) if transposed else x
@@ -124,25 +124,25 @@ class Products:
             hit = self.cache[key] = (base, base.to(self.low))
         return hit[1].transpose(1, 2) if transposed else hit[1]
 
+    def _direct(self, out: Tensor | None) -> bool:
+        """Whether the product can be written straight into ``out`` (its dtype is the products')."""
+        return self.low is None or out is None or out.dtype == self.low
+
     def bmm(self, a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
-        if self.low is None:
-            return torch.bmm(a, b, out=out)
-        if out is None or out.dtype == self.low:
+        if self._direct(out):
             return torch.bmm(self._low(a), self._low(b), out=out)
-        return out.copy_(torch.bmm(self._low(a), self._low(b)))
+        return out.copy_(torch.bmm(self._low(a), self._low(b)))  # type: ignore[union-attr]
 
     def baddbmm(self, c: Tensor, a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
         """c + a @ b (c broadcast like torch.baddbmm's input)."""
-        if self.low is None:
-            return torch.baddbmm(c, a, b, out=out)
-        if out is None or out.dtype == self.low:
+        if self._direct(out):
             return torch.baddbmm(self._low(c), self._low(a), self._low(b), out=out)
         return torch.add(c, torch.bmm(self._low(a), self._low(b)), out=out)
 
     def baddbmm_(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         """x += a @ b in place."""
-        if self.low is None or x.dtype == self.low:
-            return x.baddbmm_(self._low(a), self._low(b)) if self.low else x.baddbmm_(a, b)
+        if self._direct(x):
+            return x.baddbmm_(self._low(a), self._low(b))
         return x.add_(torch.bmm(self._low(a), self._low(b)))
 
 
