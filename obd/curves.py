@@ -9,7 +9,11 @@ never recomputed), then writes from their histories only:
 - ``OUT/plateau.csv``: per dataset and method, the plateau and the steps and CPU time to reach it
   (definitions below);
 - ``OUT/TASK.png``: score against outer step and against distillation CPU minutes, mean +/- s.e.
-  over seeds, the published Av-PBC as a reference line.
+  over seeds, the published Av-PBC as a reference line;
+- ``OUT/comparison.csv``: per dataset, SDW - Av-PBC on the plateau, paired by seed (t interval,
+  Wilcoxon), both read at their common horizon, beside the dataset's state diversity; and, with 4
+  or more datasets, ``OUT/diversity.json`` and ``OUT/diversity.png``: SDW's claim (it helps most
+  where state diversity is limited) as a rank correlation over the datasets (:func:`obd.table.diversity_claim`).
 
 Definitions (T = the runs' outer steps, the shortest seed's where they differ: at a constant learning
 rate a longer run's first T steps are the run of T steps; every number is over the seeds, each seed's
@@ -53,21 +57,31 @@ def distill_cpu_seconds(history: list[dict]) -> list[float | None]:
     return out
 
 
-def plateau(curves: dict[int, list[tuple[int, float, float | None]]], outer_steps: int) -> dict:
+Curve = list[tuple[int, float, float | None]]  # (outer step, score, distillation CPU seconds)
+
+
+def _halves(c: Curve, T: int, seed: int) -> tuple[list[float], list[float]]:
+    """The scores of [2T/3, 5T/6) and of [5T/6, T]: the last third's two halves."""
+    a = [s for st, s, _ in c if 2 * T / 3 <= st < 5 * T / 6]
+    b = [s for st, s, _ in c if 5 * T / 6 <= st <= T]
+    if not (a and b):
+        raise ObdError(f"seed {seed}: too few evaluations in the last third of its {T} steps to find a plateau")
+    return a, b
+
+
+def seed_plateaus(curves: dict[int, Curve], outer_steps: int) -> dict[int, float]:
+    """seed -> its mean score over the evaluations in the last third of ``outer_steps``."""
+    return {seed: float(np.mean(sum(_halves(c, outer_steps, seed), []))) for seed, c in curves.items()}
+
+
+def plateau(curves: dict[int, Curve], outer_steps: int) -> dict:
     """The plateau of one dataset and method from its seeds' curves (seed -> [(step, score, cpu_s)])."""
     from obd.stats import paired_comparison
 
     T = outer_steps
-    per_seed: dict[int, float] = {}
-    first_half: dict[int, float] = {}
-    second_half: dict[int, float] = {}
-    for seed, c in curves.items():
-        last = [s for st, s, _ in c if st >= 2 * T / 3]
-        a = [s for st, s, _ in c if 2 * T / 3 <= st < 5 * T / 6]
-        b = [s for st, s, _ in c if st >= 5 * T / 6]
-        if not (last and a and b):
-            raise ObdError(f"seed {seed}: too few evaluations in the last third of its {T} steps to find a plateau")
-        per_seed[seed], first_half[seed], second_half[seed] = float(np.mean(last)), float(np.mean(a)), float(np.mean(b))
+    per_seed = seed_plateaus(curves, T)
+    first_half = {seed: float(np.mean(_halves(c, T, seed)[0])) for seed, c in curves.items()}
+    second_half = {seed: float(np.mean(_halves(c, T, seed)[1])) for seed, c in curves.items()}
     scores = np.array(list(per_seed.values()))
     change = paired_comparison(second_half, first_half)
     level = float(scores.mean())
@@ -116,10 +130,12 @@ def build(out: Path, tasks: list[str] | None = None) -> list[dict]:
         if len(hs) > 1:  # generated data depends on the machine's floating point: one dataset per curve
             raise ObdError(f"{out / 'runs' / task}: runs on {len(hs)} different datasets ({', '.join(sorted(hs))})")
     curve_rows, rows = [], []
+    horizons: dict[tuple[str, str], int] = {}
+    all_curves: dict[tuple[str, str], dict[int, Curve]] = {}
     for (task, method), seeds in sorted(runs.items()):
         if method in BASELINE_START:
             continue
-        curves = {}
+        curves: dict[int, Curve] = {}
         for seed, m in sorted(seeds.items()):
             cpu = distill_cpu_seconds(m["history"])
             curves[seed] = [(h["step"], h["score"], c) for h, c in zip(m["history"], cpu)]
@@ -136,10 +152,60 @@ def build(out: Path, tasks: list[str] | None = None) -> list[dict]:
         T = min(lengths)
         common = {seed: [x for x in c if x[0] <= T] for seed, c in curves.items()}
         rows.append({"task": task, "method": method, **plateau(common, T)})
+        horizons[(task, method)], all_curves[(task, method)] = T, curves
     _write_csv(out / "curves.csv", curve_rows)
     _write_csv(out / "plateau.csv", rows)
+    write_comparison(out, runs, all_curves, horizons)
     for task in sorted({r["task"] for r in rows}):
         plot_task(task, [r for r in curve_rows if r["task"] == task], [r for r in rows if r["task"] == task], out)
+    return rows
+
+
+def compare_on_plateau(sdw: dict[int, Curve], avpbc: dict[int, Curve], T: int) -> dict:
+    """SDW - Av-PBC, each seed's plateau (last third of T steps) paired by seed: obd.stats' comparison."""
+    from obd.stats import paired_comparison
+
+    return paired_comparison(seed_plateaus(sdw, T), seed_plateaus(avpbc, T))
+
+
+def write_comparison(
+    out: Path, runs: dict[tuple[str, str], dict[int, dict]], curves: dict, horizons: dict[tuple[str, str], int]
+) -> list[dict]:
+    """``comparison.csv`` (and the diversity claim's json and figure): SDW - Av-PBC per dataset on the
+    plateau, both methods read at their common horizon (the shorter one's steps)."""
+    from obd.table import diversity_claim, plot_diversity
+
+    rows = []
+    for task in sorted({t for t, m in curves if m == "sdw"} & {t for t, m in curves if m == "avpbc"}):
+        T = min(horizons[(task, "sdw")], horizons[(task, "avpbc")])
+        c = compare_on_plateau(curves[(task, "sdw")], curves[(task, "avpbc")], T)
+        if not c["n_pairs"]:
+            continue
+        diversity = next(
+            (m["state_diversity_knn10"] for m in runs[(task, "avpbc")].values() if m.get("state_diversity_knn10")),
+            None,
+        )
+        rows.append(
+            {
+                "task": task,
+                "outer_steps": T,
+                "n_pairs": c["n_pairs"],
+                "sdw_minus_avpbc": round(c["mean_difference"], 2),
+                "ci_low": round(c["paired_t_ci"][0], 2) if "paired_t_ci" in c else None,
+                "ci_high": round(c["paired_t_ci"][1], 2) if "paired_t_ci" in c else None,
+                "wilcoxon_p": round(c["wilcoxon_p"], 3) if "wilcoxon_p" in c else None,
+                "verdict": c["verdict"],
+                "state_diversity": round(diversity, 4) if diversity is not None else None,
+            }
+        )
+    if rows:
+        _write_csv(out / "comparison.csv", rows)
+    claim = diversity_claim(rows)
+    for name in ("diversity.json", "diversity.png"):
+        (out / name).unlink(missing_ok=True)  # a claim from fewer datasets than now must not linger
+    if claim is not None:
+        (out / "diversity.json").write_text(json.dumps({k: round(v, 4) for k, v in claim.items()}, indent=1) + "\n")
+        plot_diversity(rows, claim, out / "diversity.png")
     return rows
 
 

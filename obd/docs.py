@@ -8,6 +8,8 @@ NAME is a results folder (``results/quick``: the table of ``obd.table``, see
 - ``docs:weights``: where Av-PBC's and SDW's weights go, from the quick runs' ``metrics.json``;
 - ``docs:quick-steps``: the quick runs' Av-PBC mean score at each evaluated step;
 - ``docs:curves``: each dataset's plateau, from ``results/curves/plateau.csv``;
+- ``docs:curves-comparison``: SDW - Av-PBC on each plateau and the diversity claim, from
+  ``results/curves/comparison.csv`` and ``diversity.json``;
 - ``docs:teachers``: every teacher a committed run or ``results/teachers/*.json`` (the output of
   ``python -m obd.targets``) records, its score beside CORL's TD3+BC.
 
@@ -134,6 +136,41 @@ def curves_table(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curves_comparison_table(root: Path) -> str:
+    """SDW - Av-PBC on the plateau per dataset (paired by seed), then the diversity claim's line."""
+    from obd.table import PUBLISHED_AVPBC, PUBLISHED_SDW
+
+    folder = root / "results" / "curves"
+    if not (folder / "comparison.csv").is_file():
+        return "No paired plateau comparison committed yet (`python -m obd.curves`).\n"
+    with open(folder / "comparison.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    lines = [
+        "| dataset | outer steps | paired seeds | SDW - Av-PBC on the plateau (95% t CI) | Wilcoxon p | "
+        "state diversity | published SDW - Av-PBC |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ci = f" [{float(r['ci_low']):+.1f}, {float(r['ci_high']):+.1f}]" if r.get("ci_low") else ""
+        p = r.get("wilcoxon_p") or "-"
+        pub = PUBLISHED_SDW.get(r["task"])
+        gap = f"{pub - PUBLISHED_AVPBC[r['task']]:+.1f}" if pub is not None else "-"
+        diversity = f"{float(r['state_diversity']):.2f}" if r.get("state_diversity") else "-"
+        lines.append(
+            f"| {r['task']} | {r['outer_steps']} | {r['n_pairs']} | {float(r['sdw_minus_avpbc']):+.1f}{ci} | {p} | "
+            f"{diversity} | {gap} |"
+        )
+    text = "\n".join(lines) + "\n"
+    if (folder / "diversity.json").is_file():
+        c = json.loads((folder / "diversity.json").read_text())
+        text += (
+            f"\nSDW - Av-PBC against state diversity over {c['n']} datasets (`results/curves/diversity.png`): "
+            f"Spearman rho {c['rho']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] (95%, Fisher z), p = "
+            f"{c['p']:.3f}; SDW's claim predicts a negative rho.\n"
+        )
+    return text
+
+
 def teachers_table(root: Path) -> str:
     from obd.table import NINE
 
@@ -169,6 +206,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "docs:weights": weights_table,
     "docs:quick-steps": quick_steps_table,
     "docs:curves": curves_table,
+    "docs:curves-comparison": curves_comparison_table,
     "docs:teachers": teachers_table,
 }
 

@@ -132,3 +132,67 @@ def test_the_docs_table_marks_av_pbc_within_2_of_the_published_score_in_15_cpu_m
     lines = curves_table(tmp_path).splitlines()[2:]
     assert [line.rstrip(" |").rsplit("| ", 1)[1] for line in lines] == ["yes", "no", "no", "-"]
     assert "| 39.5 |" in lines[3]  # SDW's published halfcheetah-medium score, not Av-PBC's
+
+
+def _write_run(root, task: str, method: str, seed: int, T: int, shape, diversity: float | None = None) -> None:
+    c = curve(shape, seed, steps=range(100, T + 1, 100))
+    m = {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "outer_steps": T,
+        "state_diversity_knn10": diversity,
+        "history": [{"step": st, "score": sc, "cpu_seconds": cpu, "eval_cpu_seconds": 0.0} for st, sc, cpu in c],
+    }
+    d = root / "runs" / task / f"{method}-s{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metrics.json").write_text(json.dumps(m))
+
+
+def test_sdw_minus_av_pbc_is_paired_on_the_plateau_at_the_methods_common_horizon(tmp_path):
+    """SDW ran to 1200 steps and climbs to 50 after step 600; Av-PBC stopped at 600: the comparison reads
+    both over steps 400-600 (SDW 35 vs Av-PBC 30), not SDW's later level."""
+    import csv
+
+    for seed in range(3):
+        _write_run(tmp_path, "hopper-medium", "avpbc", seed, 600, lambda s: 30.0, diversity=0.6)
+        _write_run(tmp_path, "hopper-medium", "sdw", seed, 1200, lambda s: 35.0 if s <= 600 else 50.0)
+    build(tmp_path)
+    (row,) = csv.DictReader(open(tmp_path / "comparison.csv"))
+    assert row["outer_steps"] == "600" and row["n_pairs"] == "3"
+    assert float(row["sdw_minus_avpbc"]) == pytest.approx(5, abs=0.6)
+    assert float(row["ci_low"]) > 0 and float(row["state_diversity"]) == 0.6
+    assert not (tmp_path / "diversity.json").exists()  # one dataset: no correlation
+
+
+def test_the_diversity_claim_is_a_rank_correlation_over_the_datasets(tmp_path):
+    """Four datasets where SDW's gain falls as state diversity grows: Spearman's rho is -1."""
+    for i, (task, diversity) in enumerate(
+        (("hopper-medium", 0.5), ("walker2d-medium", 0.8), ("halfcheetah-medium", 1.1), ("hopper-medium-replay", 1.4))
+    ):
+        for seed in range(2):
+            _write_run(tmp_path, task, "avpbc", seed, 600, lambda s: 30.0, diversity=diversity)
+            _write_run(tmp_path, task, "sdw", seed, 600, lambda s, g=8.0 - 4 * i: 30.0 + g)
+    build(tmp_path)
+    claim = json.loads((tmp_path / "diversity.json").read_text())
+    assert claim["n"] == 4 and claim["rho"] == pytest.approx(-1.0)
+    assert (tmp_path / "diversity.png").is_file()
+
+
+def test_the_docs_comparison_shows_each_paired_gap_beside_the_published_one_and_the_claim(tmp_path):
+    from obd.docs import curves_comparison_table
+
+    for task, diversity in (
+        ("hopper-medium", 0.5),
+        ("walker2d-medium", 0.8),
+        ("halfcheetah-medium", 1.1),
+        ("hopper-medium-replay", 1.4),
+    ):
+        for seed in range(2):
+            _write_run(tmp_path / "results" / "curves", task, "avpbc", seed, 600, lambda s: 30.0, diversity=diversity)
+            _write_run(tmp_path / "results" / "curves", task, "sdw", seed, 600, lambda s: 32.0)
+    build(tmp_path / "results" / "curves")
+    text = curves_comparison_table(tmp_path)
+    hc = next(line for line in text.splitlines() if line.startswith("| halfcheetah-medium |"))
+    assert "| 2 | +2.0 [" in hc and hc.endswith("| 1.10 | +2.6 |")  # published SDW 39.5 - Av-PBC 36.9
+    assert "over 4 datasets" in text and "Spearman rho" in text
