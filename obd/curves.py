@@ -198,11 +198,11 @@ def write_comparison(
                 "state_diversity": round(diversity, 4) if diversity is not None else None,
             }
         )
+    for name in ("comparison.csv", "diversity.json", "diversity.png"):
+        (out / name).unlink(missing_ok=True)  # what an earlier build found must not outlive its runs
     if rows:
         _write_csv(out / "comparison.csv", rows)
     claim = diversity_claim(rows)
-    for name in ("diversity.json", "diversity.png"):
-        (out / name).unlink(missing_ok=True)  # a claim from fewer datasets than now must not linger
     if claim is not None:
         (out / "diversity.json").write_text(json.dumps({k: round(v, 4) for k, v in claim.items()}, indent=1) + "\n")
         plot_diversity(rows, claim, out / "diversity.png")
