@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -30,3 +31,18 @@ def resolve_device(name: str) -> torch.device:
 
 def lightning_accelerator(device: torch.device) -> str:
     return "gpu" if device.type == "cuda" else "cpu"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 natively: any CUDA GPU torch runs on, or a CPU with AVX512-BF16
+    or AMX (elsewhere oneDNN emulates bf16 products, far slower than float32; docs/performance.md)."""
+    if device.type != "cpu":
+        return True
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without the probes: read the flags the kernel reports
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags

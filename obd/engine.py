@@ -474,7 +474,7 @@ def run_many(
     import yaml
 
     from obd.datamodule import OBDDataModule
-    from obd.devices import lightning_accelerator, resolve_device
+    from obd.devices import lightning_accelerator, native_bf16, resolve_device
     from obd.runs import check_continuable, record_start
     from obd.targets import prepare_targets
     from obd.tracking import quiet_libraries
@@ -510,6 +510,12 @@ def run_many(
             log.warning("%s holds no %s (an earlier obd's checkpoint?): the run starts over", out, CHECKPOINT)
         continuing.append(has)
     device = resolve_device(first.device)  # before any work: --device cuda without a GPU is a one-line error
+    if any(c.distill.inner_precision == "bfloat16" for c in cfgs) and not native_bf16(device):
+        log.warning(
+            "distill.inner_precision bfloat16 on a CPU without native bf16 (AVX512-BF16 or AMX; this one: %s): "
+            "its products are emulated and can be many times slower than float32 (docs/performance.md)",
+            torch.backends.cpu.get_cpu_capability(),
+        )
     t0 = time.time()
     targets = prepare_targets(first, _targets_method(cfgs), show_progress=show_progress, force_task=force_task)
     dm = OBDDataModule(targets, device)

@@ -192,6 +192,21 @@ def test_a_run_logged_to_a_file_shows_its_progress_while_it_runs(tmp_path, capsy
     assert "10/20" in out.out + out.err
 
 
+def test_bf16_products_on_a_cpu_without_native_bf16_are_warned_about(tmp_path, monkeypatch, caplog):
+    """Emulated bf16 products are slower than float32: a run asking for them there says so once, up front."""
+    import obd.devices
+
+    monkeypatch.setattr(obd.devices, "native_bf16", lambda device: False)
+    bf16 = {"distill": {**TINY["distill"], "inner_precision": "bfloat16"}}
+    with caplog.at_level("WARNING", logger="obd.engine"):
+        run(tiny_cfg(tmp_path, outer_steps=1, eval_every=0, **bf16), show_progress=False)
+    assert any("without native bf16" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="obd.engine"):
+        run(tiny_cfg(tmp_path / "f32", outer_steps=1, eval_every=0), show_progress=False)
+    assert not any("native bf16" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.slow
 def test_resume_gives_the_uninterrupted_result(tmp_path):
     """Bug (issue 9): resume read global_step by loading the whole checkpoint with weights_only=False and
