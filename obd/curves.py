@@ -129,6 +129,14 @@ def build(out: Path, tasks: list[str] | None = None) -> list[dict]:
     for task, hs in hashes.items():
         if len(hs) > 1:  # generated data depends on the machine's floating point: one dataset per curve
             raise ObdError(f"{out / 'runs' / task}: runs on {len(hs)} different datasets ({', '.join(sorted(hs))})")
+    teachers: dict[str, set[str]] = {}
+    for (task, _), seeds in runs.items():
+        teachers.setdefault(task, set()).update(m["teacher"]["key"] for m in seeds.values() if m.get("teacher"))
+    for task, keys in teachers.items():
+        if len(keys) > 1:  # the targets (pi*, Q) differ: curves of one dataset must share them to be compared
+            raise ObdError(
+                f"{out / 'runs' / task}: runs with {len(keys)} different teachers ({', '.join(sorted(keys))})"
+            )
     curve_rows, rows = [], []
     horizons: dict[tuple[str, str], int] = {}
     all_curves: dict[tuple[str, str], dict[int, Curve]] = {}
@@ -173,7 +181,8 @@ def write_comparison(
 ) -> list[dict]:
     """``comparison.csv`` (and the diversity claim's json and figure): SDW - Av-PBC per dataset on the
     plateau, both methods read at their common horizon (the shorter one's steps)."""
-    from obd.table import diversity_claim, plot_diversity
+    from obd.stats import teacher_of
+    from obd.table import diversity_claim, plot_diversity, teacher_se
 
     rows = []
     for task in sorted({t for t, m in curves if m == "sdw"} & {t for t, m in curves if m == "avpbc"}):
@@ -181,10 +190,9 @@ def write_comparison(
         c = compare_on_plateau(curves[(task, "sdw")], curves[(task, "avpbc")], T)
         if not c["n_pairs"]:
             continue
-        diversity = next(
-            (m["state_diversity_knn10"] for m in runs[(task, "avpbc")].values() if m.get("state_diversity_knn10")),
-            None,
-        )
+        both = [*runs[(task, "avpbc")].values(), *runs[(task, "sdw")].values()]
+        diversity = next((m["state_diversity_knn10"] for m in both if m.get("state_diversity_knn10")), None)
+        teacher = (teacher_of(both) or {}).get("normalized_return") or {}
         rows.append(
             {
                 "task": task,
@@ -196,6 +204,10 @@ def write_comparison(
                 "wilcoxon_p": round(c["wilcoxon_p"], 3) if "wilcoxon_p" in c else None,
                 "verdict": c["verdict"],
                 "state_diversity": round(diversity, 4) if diversity is not None else None,
+                "teacher_score": round(teacher["mean"], 1) if teacher.get("mean") is not None else None,
+                "teacher_se": teacher_se(teacher_of(both)),
+                "teacher_episodes": teacher.get("episodes"),
+                "corl_td3bc": (teacher_of(both) or {}).get("corl_td3bc_score"),
             }
         )
     for name in ("comparison.csv", "diversity.json", "diversity.png"):

@@ -138,7 +138,7 @@ def curves_table(root: Path) -> str:
 
 def curves_comparison_table(root: Path) -> str:
     """SDW - Av-PBC on the plateau per dataset (paired by seed), then the diversity claim's line."""
-    from obd.table import PUBLISHED_AVPBC, PUBLISHED_SDW
+    from obd.table import PUBLISHED_AVPBC, PUBLISHED_SDW, teacher_cell
 
     folder = root / "results" / "curves"
     if not (folder / "comparison.csv").is_file():
@@ -146,9 +146,9 @@ def curves_comparison_table(root: Path) -> str:
     with open(folder / "comparison.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     lines = [
-        "| dataset | outer steps | paired seeds | SDW - Av-PBC on the plateau (95% t CI) | Wilcoxon p | "
-        "state diversity | published SDW - Av-PBC |",
-        "|---|---|---|---|---|---|---|",
+        "| dataset | teacher (+/- s.e.; CORL's TD3+BC) | outer steps | paired seeds | "
+        "SDW - Av-PBC on the plateau (95% t CI) | Wilcoxon p | state diversity | published SDW - Av-PBC |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ci = f" [{float(r['ci_low']):+.1f}, {float(r['ci_high']):+.1f}]" if r.get("ci_low") else ""
@@ -157,8 +157,8 @@ def curves_comparison_table(root: Path) -> str:
         gap = f"{pub - PUBLISHED_AVPBC[r['task']]:+.1f}" if pub is not None else "-"
         diversity = f"{float(r['state_diversity']):.2f}" if r.get("state_diversity") else "-"
         lines.append(
-            f"| {r['task']} | {r['outer_steps']} | {r['n_pairs']} | {float(r['sdw_minus_avpbc']):+.1f}{ci} | {p} | "
-            f"{diversity} | {gap} |"
+            f"| {r['task']} | {teacher_cell(r)} | {r['outer_steps']} | {r['n_pairs']} | "
+            f"{float(r['sdw_minus_avpbc']):+.1f}{ci} | {p} | {diversity} | {gap} |"
         )
     text = "\n".join(lines) + "\n"
     if (folder / "diversity.json").is_file():

@@ -173,7 +173,7 @@ def build_table(
             "transitions": any_run["transitions"],
             "behaviour_score": round(any_run["behaviour_score"], 1),
             "teacher_score": round(((teacher or {}).get("normalized_return") or {}).get("mean", float("nan")), 1),
-            "teacher_se": _teacher_se(teacher),
+            "teacher_se": teacher_se(teacher),
             "teacher_episodes": ((teacher or {}).get("normalized_return") or {}).get("episodes"),
             "corl_td3bc": (teacher or {}).get("corl_td3bc_score"),
             "published_avpbc": PUBLISHED_AVPBC.get(task),
@@ -288,7 +288,7 @@ def _diff(r: dict, prefix: str) -> str:
     return f"{r[f'{prefix}sdw_minus_avpbc']:+.1f}" + (f" [{lo:+.1f}, {hi:+.1f}]" if lo is not None else "")
 
 
-def _teacher_se(teacher: dict | None) -> float | None:
+def teacher_se(teacher: dict | None) -> float | None:
     """The standard error of the teacher's score (older runs stored only the std over episodes)."""
     nr = (teacher or {}).get("normalized_return") or {}
     if nr.get("se") is not None:
@@ -297,7 +297,7 @@ def _teacher_se(teacher: dict | None) -> float | None:
     return round(nr["std"] * (n / (n - 1)) ** 0.5 / n**0.5, 1) if n > 1 and nr.get("std") is not None else None
 
 
-def _teacher_cell(r: dict) -> str:
+def teacher_cell(r: dict) -> str:
     """The teacher's score +/- its s.e. over its episodes, with CORL's TD3+BC on D4RL beside it."""
     if r.get("teacher_score") in (None, "") or str(r["teacher_score"]) == "nan":
         return "-"
@@ -335,7 +335,7 @@ def markdown(rows: list[dict], methods: list[str], claim: dict | None = None) ->
         cells = [
             r["task"],
             f"{r['behaviour_score']:.1f}",
-            _teacher_cell(r),
+            teacher_cell(r),
             *(_fmt(r[f"{m}_mean"], r[f"{m}_std"]) + f" (n={r[f'{m}_n']})" for m in methods),
             _versus_baseline(r, "avpbc"),
             diff,

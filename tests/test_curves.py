@@ -134,7 +134,9 @@ def test_the_docs_table_marks_av_pbc_within_2_of_the_published_score_in_15_cpu_m
     assert "| 39.5 |" in lines[3]  # SDW's published halfcheetah-medium score, not Av-PBC's
 
 
-def _write_run(root, task: str, method: str, seed: int, T: int, shape, diversity: float | None = None) -> None:
+def _write_run(
+    root, task: str, method: str, seed: int, T: int, shape, diversity: float | None = None, teacher: str = "td3bc-a"
+) -> None:
     c = curve(shape, seed, steps=range(100, T + 1, 100))
     m = {
         "task": task,
@@ -142,6 +144,11 @@ def _write_run(root, task: str, method: str, seed: int, T: int, shape, diversity
         "seed": seed,
         "outer_steps": T,
         "state_diversity_knn10": diversity,
+        "teacher": {
+            "key": teacher,
+            "normalized_return": {"mean": 55.24, "se": 1.49, "episodes": 20},
+            "corl_td3bc_score": 60.4,
+        },
         "history": [{"step": st, "score": sc, "cpu_seconds": cpu, "eval_cpu_seconds": 0.0} for st, sc, cpu in c],
     }
     d = root / "runs" / task / f"{method}-s{seed}"
@@ -195,4 +202,15 @@ def test_the_docs_comparison_shows_each_paired_gap_beside_the_published_one_and_
     text = curves_comparison_table(tmp_path)
     hc = next(line for line in text.splitlines() if line.startswith("| halfcheetah-medium |"))
     assert "| 2 | +2.0 [" in hc and hc.endswith("| 1.10 | +2.6 |")  # published SDW 39.5 - Av-PBC 36.9
+    assert "| 55.2 +/- 1.5 (20 ep.), CORL 60.4 |" in hc  # the teacher beside CORL's
     assert "over 4 datasets" in text and "Spearman rho" in text
+
+
+def test_runs_of_one_dataset_with_two_teachers_are_refused(tmp_path):
+    """pi* and Q set the targets: a seed distilled against another teacher is not the same curve."""
+    from obd.errors import ObdError
+
+    _write_run(tmp_path, "hopper-medium", "avpbc", 0, 600, lambda s: 30.0, teacher="td3bc-30k")
+    _write_run(tmp_path, "hopper-medium", "sdw", 0, 600, lambda s: 30.0, teacher="td3bc-100k")
+    with pytest.raises(ObdError, match="2 different teachers"):
+        build(tmp_path)
