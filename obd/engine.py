@@ -38,6 +38,7 @@ from obd.bptt import PRODUCTS, Workspace, outer_grad
 from obd.config import BASELINE_START, DistillConfig, RunConfig, to_dict
 from obd.errors import ConfigError, ObdError, check_writable
 from obd.policy import Params, init_policy, stack_params
+from obd.runs import CHECKPOINT
 from obd.seeding import derive_seed
 
 if TYPE_CHECKING:
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("obd.engine")
 
-CHECKPOINT = Path("checkpoints") / "state.pt"
 SHARED = ("data", "distill.n_synthetic", "distill.hidden", "distill.batch_size", "distill.test_batches", "device")
 Listener = Callable[[int, float], None]
 

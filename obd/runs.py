@@ -4,7 +4,9 @@ A run folder holds ``config.yaml`` (written at the start), ``run.json`` (the con
 started on), ``checkpoints/`` while it runs, and ``metrics.json`` and ``synthetic.npz`` once finished.
 A finished run is reused, and an unfinished one continued, only when its config (completed with
 today's defaults for fields added since) and its dataset's content hash equal what is asked for now;
-otherwise the caller gets a one-line error naming the first difference.
+otherwise the caller gets a one-line error naming the first difference. At a constant outer learning
+rate a run of T steps is the first T steps of a longer one, so a finished run asked for more steps is
+continued from its checkpoint, not refused.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from pathlib import Path
 from obd.config import RunConfig, merge, to_dict
 from obd.errors import ObdError
 
+CHECKPOINT = Path("checkpoints") / "state.pt"  # the resumable state of a run, relative to its folder
+LENGTH_KEYS = ("outer_steps", "eval_every", "checkpoint_every")  # what continuing a run may change
+
 
 def finished_run(run_dir: Path, cfg: RunConfig, data_hash: str | None, rerun: str) -> dict | None:
     """The metrics of the finished run in ``run_dir`` (re-scored by today's rule), None when it has not
@@ -27,12 +32,28 @@ def finished_run(run_dir: Path, cfg: RunConfig, data_hash: str | None, rerun: st
     if not path.is_file():
         return None
     m = rescore(json.loads(path.read_text()))
-    diff = config_difference(comparable_run(m["config"]), comparable_run(to_dict(cfg)))
+    have, want = comparable_run(m["config"]), comparable_run(to_dict(cfg))
+    diff = config_difference(have, want)
+    if diff and _only_longer(have, want):
+        if (run_dir / CHECKPOINT).is_file():
+            return None  # the engine continues it from its checkpoint to the longer length
+        raise ObdError(
+            f"{path} ran {have['outer_steps']} outer steps and has no checkpoint ({CHECKPOINT}) to continue "
+            f"to {want['outer_steps']}; {rerun}"
+        )
     if diff:
         raise ObdError(f"{path} was run with another configuration ({diff}); {rerun}")
     if data_hash:
         check_same_data(path, m, data_hash, rerun)
     return m
+
+
+def _only_longer(have: dict, want: dict) -> bool:
+    """Whether ``want`` is ``have`` run for more outer steps at a constant learning rate."""
+    if want["distill"]["outer_lr_schedule"] != "constant" or want["outer_steps"] <= have["outer_steps"]:
+        return False
+    strip = lambda c: {k: v for k, v in c.items() if k not in LENGTH_KEYS}  # noqa: E731
+    return config_difference(strip(have), strip(want)) is None
 
 
 def check_same_data(path: Path, metrics: dict, data_hash: str, rerun: str) -> None:
@@ -91,7 +112,7 @@ def check_continuable(out: Path, cfg: RunConfig, data_hash: str | None = None) -
     have, want = comparable_run(stored["config"]), comparable_run(to_dict(cfg))
     if want["distill"]["outer_lr_schedule"] == "constant":
         for c in (have, want):  # a run at a constant learning rate may be continued to more outer steps
-            for k in ("outer_steps", "eval_every", "checkpoint_every"):
+            for k in LENGTH_KEYS:
                 c.pop(k, None)
     diff = config_difference(have, want)
     if diff:

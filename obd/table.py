@@ -3,7 +3,8 @@
 For every task, method and seed one ``obd.train`` run at the given budget (the budget's settings, no
 search), kept under ``OUT/runs/TASK/METHOD-sSEED/`` (its small ``metrics.json`` and
 ``synthetic.npz`` are kept, so the table can be rebuilt; a finished run whose stored configuration
-matches is never recomputed, one that differs stops the command with the difference named). Then:
+matches is never recomputed, one asked for more outer steps at a constant learning rate continues from
+its checkpoint, one that differs otherwise stops the command with the difference named). Then:
 
 - ``OUT/table.csv`` and ``OUT/table.md``: per dataset, mean +/- std over seeds of each method, the
   paired SDW - Av-PBC difference with its t interval and Wilcoxon p-value, the teacher's score and

@@ -214,3 +214,50 @@ def test_runs_of_one_dataset_with_two_teachers_are_refused(tmp_path):
     _write_run(tmp_path, "hopper-medium", "sdw", 0, 600, lambda s: 30.0, teacher="td3bc-100k")
     with pytest.raises(ObdError, match="2 different teachers"):
         build(tmp_path)
+
+
+def _curves_args(tmp_path, out: str, steps: int, *extra: str) -> list[str]:
+    import yaml
+
+    from tests.test_studies import TINY
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "checkpoint_every": 1}))
+    return [
+        "--tasks", "hopper-random", "--methods", "avpbc", "--seeds", "0", "--budget", "smoke", "--config", str(cfg),
+        "--outer-steps", str(steps), "--eval-every", "2", "--out", str(tmp_path / out), *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_finished_curve_asked_for_more_steps_continues_to_the_longer_run(tmp_path, capsys):
+    """At a constant outer learning rate the 6 steps already run are the first 6 of a 10-step run: asking
+    for 10 continues from the checkpoint (the evaluations of steps 2-6 are kept), and the set equals the
+    straight 10-step run's; a run without its checkpoint or with a decaying rate is refused, naming why."""
+    import shutil
+
+    from obd.curves import main
+    from obd.errors import cli
+
+    assert main(_curves_args(tmp_path, "ext", 6)) == 0
+    run_dir = tmp_path / "ext" / "runs" / "hopper-random" / "avpbc-s0"
+    first = json.loads((run_dir / "metrics.json").read_text())
+    assert main(_curves_args(tmp_path, "ext", 10)) == 0
+    longer = json.loads((run_dir / "metrics.json").read_text())
+    n = len(first["history"])
+    assert longer["history"][:n] == first["history"] and longer["history"][n]["step"] > 6
+    assert main(_curves_args(tmp_path, "straight", 10)) == 0
+    straight = json.loads((tmp_path / "straight" / "runs" / "hopper-random" / "avpbc-s0" / "metrics.json").read_text())
+    tail = [h for h in straight["history"] if h["step"] > 6]
+    assert [(h["step"], pytest.approx(h["score"], rel=1e-4)) for h in tail] == [
+        (h["step"], h["score"]) for h in longer["history"][n:]
+    ]
+    assert longer["score"] == pytest.approx(straight["score"], rel=1e-4)  # both from the steps in the final 20%
+    a = np.load(run_dir / "synthetic.npz")
+    b = np.load(tmp_path / "straight" / "runs" / "hopper-random" / "avpbc-s0" / "synthetic.npz")
+    np.testing.assert_allclose(a["states"], b["states"], rtol=1e-5, atol=1e-6)
+    shutil.rmtree(run_dir / "checkpoints")
+    assert cli(main, _curves_args(tmp_path, "ext", 12)) == 2
+    assert "has no checkpoint" in capsys.readouterr().err
+    assert cli(main, _curves_args(tmp_path, "straight", 12, "--distill.outer_lr_schedule", "cosine")) == 2
+    assert "another configuration" in capsys.readouterr().err

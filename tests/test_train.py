@@ -448,7 +448,19 @@ def test_resume_refuses_another_method_or_a_missing_checkpoint(tmp_path):
 def wandb_records(folder) -> dict:
     """What an offline W&B run under ``folder`` recorded: its run record, summary keys and values,
     step metrics and record types, read from the run's transaction log (LevelDB log format of W&B
-    protobuf records)."""
+    protobuf records). wandb-core may still be writing the log when ``finish()`` has returned (it
+    closes the run's stream in its own process), so the log is read once it holds the run's exit."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        out = _wandb_log(folder)
+        if "exit" in out["types"] or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _wandb_log(folder) -> dict:
     import struct
 
     from wandb.proto import wandb_internal_pb2 as pb
