@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from obd.config import BASELINE_START, DataConfig, DensityConfig, RunConfig, TeacherConfig
+from obd.config import BASELINE_START, DataConfig, DensityConfig, RunConfig, TD3BCConfig, TeacherConfig
 from obd.data import OfflineDataset, Task, generated_path, load_source, parse_source, resolve_task
 from obd.data.paths import data_dir
 from obd.seeding import derive_seed
@@ -255,7 +256,14 @@ def _teacher_stage(
                 teacher.info["normalized_return"] = _measure_teacher(teacher, t, cfg.eval_episodes)
                 teacher.save(path)
         else:
-            partial = cache / f"teacher-{key}.partial.pt"  # resumable training state (interrupts lose minutes)
+            # the training state: resumed after an interrupt, kept once trained, so that a longer teacher of
+            # the same config continues from the longest shorter one instead of starting over
+            partial = cache / f"teacher-{key}.partial.pt"
+            if not partial.is_file():
+                shorter = _shorter_teacher_state(cache, cfg.td3bc)
+                if shorter is not None:
+                    log.info("teacher %s: continuing %s to %d steps", key, shorter.name, cfg.td3bc.steps)
+                    shutil.copyfile(shorter, partial)
             teacher = train_td3bc(
                 t.obs,
                 t.actions,
@@ -269,7 +277,7 @@ def _teacher_stage(
             )
             teacher.info["normalized_return"] = _measure_teacher(teacher, t, cfg.eval_episodes)
             teacher.save(path)
-            partial.unlink(missing_ok=True)
+            partial.replace(_teacher_state_path(cache, cfg.td3bc))
         t.artifacts["teacher"] = str(path)
     t.teacher_info = {**teacher.info, "key": key, "corl_td3bc_score": CORL_TD3BC_SCORE.get(t.task.name)}
     log.info(
@@ -286,6 +294,20 @@ def _teacher_stage(
         t.teacher_actions, t.q = teacher.actions_and_values(t.obs)
         _save_atomic({"actions": t.teacher_actions, "q": t.q}, out_path)
     t.artifacts["teacher_outputs"] = str(out_path)
+
+
+def _teacher_state_path(cache: Path, cfg: TD3BCConfig, steps: int | None = None) -> Path:
+    """Where a trained teacher's final training state is kept: named by its config without the length."""
+    rest = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "steps"}
+    return cache / f"teacher-state-td3bc-{hash_json(rest)}-{cfg.steps if steps is None else steps}.pt"
+
+
+def _shorter_teacher_state(cache: Path, cfg: TD3BCConfig) -> Path | None:
+    """The final training state of the longest teacher of this config shorter than ``cfg.steps``."""
+    prefix = _teacher_state_path(cache, cfg, 0).name.removesuffix("0.pt")
+    lengths = [p.name[len(prefix) : -len(".pt")] for p in cache.glob(f"{prefix}*.pt")]
+    below = [int(n) for n in lengths if n.isdigit() and int(n) < cfg.steps]
+    return _teacher_state_path(cache, cfg, max(below)) if below else None
 
 
 def _measure_teacher(teacher, t: Targets, episodes: int) -> dict | None:

@@ -112,8 +112,9 @@ def train_td3bc(
 ) -> Teacher:
     """TD3+BC on normalized states. obs/next_obs (N, obs_dim), act (N, act_dim), rew/terminals (N,).
 
-    With ``checkpoint``, the full training state is written there every ``checkpoint_every`` steps
-    (atomically) and training resumes from it; the caller deletes it once the teacher is saved."""
+    With ``checkpoint``, the full training state is written there every ``checkpoint_every`` steps and
+    at the end (atomically), and training resumes from it: from an interrupted run's, or from a shorter
+    run's final state (at a constant learning rate its steps are this run's first steps)."""
     torch.manual_seed(derive_seed(cfg.seed, "td3bc-init"))
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "td3bc-batches"))  # on the CPU: same on every device
     dev = device or torch.device("cpu")
@@ -156,13 +157,18 @@ def train_td3bc(
         initial=start,
         total=cfg.steps,
     )
+
+    def save_state(it: int) -> None:
+        assert checkpoint is not None
+        state = {k: m.state_dict() for k, m in modules.items()}
+        state.update(gen=gen.get_state(), torch_rng=torch.get_rng_state(), it=it, seconds=time.time() - t0)
+        tmp = checkpoint.with_name(f"{checkpoint.name}.{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        tmp.replace(checkpoint)
+
     for it in bar:
         if checkpoint is not None and it > start and it % checkpoint_every == 0:
-            state = {k: m.state_dict() for k, m in modules.items()}
-            state.update(gen=gen.get_state(), torch_rng=torch.get_rng_state(), it=it, seconds=time.time() - t0)
-            tmp = checkpoint.with_name(f"{checkpoint.name}.{os.getpid()}.tmp")
-            torch.save(state, tmp)
-            tmp.replace(checkpoint)
+            save_state(it)
         idx = torch.randint(0, obs.shape[0], (cfg.batch_size,), generator=gen).to(dev)
         o, a, r, o2, nd = obs[idx], act[idx], rew[idx], next_obs[idx], not_done[idx]
         with torch.no_grad():
@@ -187,6 +193,8 @@ def train_td3bc(
             with torch.no_grad():
                 torch._foreach_lerp_(params_ct, params_c, cfg.tau)
                 torch._foreach_lerp_(params_at, params_a, cfg.tau)
+    if checkpoint is not None and start < cfg.steps:
+        save_state(cfg.steps)  # the final state: a longer run of this config continues from it
     q1 = QNetwork(obs_dim, act_dim, cfg.hidden)
     _ensemble_member_into(critic, 0, q1)
     info = {"kind": "td3bc", "config": asdict(cfg), "train_seconds": round(time.time() - t0, 1)}

@@ -101,14 +101,15 @@ def test_td3bc_learns_to_imitate_and_round_trips(tmp_path):
 
 
 def test_td3bc_resumes_from_its_checkpoint_exactly(tmp_path):
-    """Issue 13: teacher training checkpoints, and a resumed run equals an uninterrupted one."""
+    """Teacher training checkpoints as it goes and at its end; continued from a shorter run's final
+    state it equals the uninterrupted longer run."""
     g = torch.Generator().manual_seed(1)
     obs, act = torch.randn(500, 4, generator=g), torch.rand(500, 2, generator=g) * 2 - 1
     rew, nxt = torch.randn(500, generator=g), torch.randn(500, 4, generator=g)
     cfg = TD3BCConfig(steps=60, hidden=(16, 16), batch_size=32)
     straight = train_td3bc(obs, act, rew, nxt, torch.zeros(500), cfg, show_progress=False)
     ck = tmp_path / "partial.pt"
-    # a first run that stops after its checkpoint at step 30 (as if interrupted there)
+    # a first, shorter run: checkpointed at step 30 and at its end
     train_td3bc(
         obs,
         act,
@@ -120,7 +121,7 @@ def test_td3bc_resumes_from_its_checkpoint_exactly(tmp_path):
         checkpoint=ck,
         checkpoint_every=30,
     )
-    assert torch.load(ck, weights_only=True)["it"] == 30
+    assert torch.load(ck, weights_only=True)["it"] == 31
     resumed = train_td3bc(
         obs, act, rew, nxt, torch.zeros(500), cfg, show_progress=False, checkpoint=ck, checkpoint_every=30
     )

@@ -520,3 +520,28 @@ def test_a_cached_teacher_is_scored_again_when_more_episodes_are_asked(tmp_path)
     again = more.teacher_info["normalized_return"]
     assert again["episodes"] == 3 and again["se"] is not None  # the same cached teacher, scored on 3 episodes
     assert more.teacher_info["key"] == prepare_targets(cfg, "pbc", show_progress=False).teacher_info["key"]
+
+
+def test_a_longer_teacher_continues_the_shorter_ones_training_and_equals_a_straight_one(tmp_path, monkeypatch, caplog):
+    """Finding a teacher's length trains each length once: the 300-step teacher continues from the kept
+    final state of the 200-step one (the same config), and its outputs equal a 300-step teacher trained
+    from scratch elsewhere."""
+
+    def cfg(steps: int):
+        return tiny_cfg(tmp_path, teacher={"td3bc": {**TINY["teacher"]["td3bc"], "steps": steps}})
+
+    prepare_targets(cfg(200), "pbc", show_progress=False)
+    with caplog.at_level("INFO", logger="obd.targets"):
+        longer = prepare_targets(cfg(300), "pbc", show_progress=False)
+    assert any(
+        "continuing teacher-state-td3bc-" in r.getMessage() and r.getMessage().endswith("-200.pt to 300 steps")
+        for r in caplog.records
+    )
+    monkeypatch.setenv("OBD_DATA_DIR", str(tmp_path / "elsewhere"))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="obd.targets"):
+        straight = prepare_targets(cfg(300), "pbc", show_progress=False)
+    assert not any("continuing" in r.getMessage() for r in caplog.records)
+    assert straight.data_hash == longer.data_hash
+    torch.testing.assert_close(longer.teacher_actions, straight.teacher_actions)
+    torch.testing.assert_close(longer.q, straight.q)
