@@ -141,12 +141,19 @@ def train_td3bc(
     }
     start, seconds_before = 0, 0.0
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True, map_location=dev)
-        for k, m in modules.items():
-            m.load_state_dict(state[k])
-        gen.set_state(state["gen"].cpu())
-        torch.set_rng_state(state["torch_rng"].cpu())
-        start, seconds_before = int(state["it"]), float(state["seconds"])
+        try:
+            state = torch.load(checkpoint, weights_only=True, map_location=dev)
+            for k, m in modules.items():
+                m.load_state_dict(state[k])
+            gen.set_state(state["gen"].cpu())
+            torch.set_rng_state(state["torch_rng"].cpu())
+            start, seconds_before = int(state["it"]), float(state["seconds"])
+        except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ObdError(
+                f"{checkpoint}: not a readable TD3+BC training state of this config ({first}); delete it to "
+                "train the teacher from the start"
+            ) from None
     t0 = time.time() - seconds_before
     bar = tqdm(
         range(start, cfg.steps),

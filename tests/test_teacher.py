@@ -169,3 +169,15 @@ def test_corl_td3bc_and_iql_layouts_map_explicitly(tmp_path, fmt):
         torch.testing.assert_close(t.actor(x), a)
         torch.testing.assert_close(t.critic(x, a), q(torch.cat([x, a], 1)).squeeze(-1))
     assert t.info["kind"] == f"corl-{fmt.split('-')[0]}" and t.info["total_it"] == 7
+
+
+def test_a_corrupt_training_state_is_one_line_naming_the_file(tmp_path):
+    from obd.errors import ObdError
+
+    g = torch.Generator().manual_seed(1)
+    obs, act = torch.randn(50, 4, generator=g), torch.rand(50, 2, generator=g) * 2 - 1
+    ck = tmp_path / "teacher-x.partial.pt"
+    ck.write_bytes(b"not a torch file")
+    with pytest.raises(ObdError, match=r"teacher-x.partial.pt: not a readable TD3\+BC training state.*delete it"):
+        train_td3bc(obs, act, torch.zeros(50), obs, torch.zeros(50), TD3BCConfig(steps=5, hidden=(8, 8)),
+                    show_progress=False, checkpoint=ck)  # fmt: skip
