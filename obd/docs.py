@@ -119,6 +119,7 @@ def curves_table(root: Path) -> str:
         "steps to the plateau | distillation CPU min to it | published | published - 2 within 15 CPU min |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    met: dict[str, list[str]] = {}
     for r in rows:
         se = f" +/- {float(r['plateau_se']):.1f}" if r.get("plateau_se") else ""
         cpu_s = float(r["cpu_seconds_to_plateau"]) if r.get("cpu_seconds_to_plateau") else None
@@ -133,7 +134,16 @@ def curves_table(root: Path) -> str:
             f"{float(r['last_third_change']):+.1f} | {'yes' if r['flat'] == 'True' else 'no'} | "
             f"{r['steps_to_plateau']} | {cpu} | {'-' if published is None else published} | {target} |"
         )
-    return "\n".join(lines) + "\n"
+        if target != "-":
+            met.setdefault(target, []).append(r["task"])
+    text = "\n".join(lines) + "\n"
+    if met:
+        n = sum(len(v) for v in met.values())
+        text += (
+            f"\nAv-PBC within 2 points of its published score within 15 distillation CPU minutes: "
+            f"{len(met.get('yes', []))} of the {n} datasets measured ({', '.join(met.get('yes', [])) or 'none'}).\n"
+        )
+    return text
 
 
 def curves_comparison_table(root: Path) -> str:
