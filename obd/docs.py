@@ -148,7 +148,7 @@ def curves_table(root: Path) -> str:
 
 def curves_comparison_table(root: Path) -> str:
     """SDW - Av-PBC on the plateau per dataset (paired by seed), then the diversity claim's line."""
-    from obd.table import PUBLISHED_AVPBC, PUBLISHED_SDW, teacher_cell
+    from obd.table import PUBLISHED_AVPBC, PUBLISHED_SDW, ci_cell, teacher_cell
 
     folder = root / "results" / "curves"
     if not (folder / "comparison.csv").is_file():
@@ -161,7 +161,7 @@ def curves_comparison_table(root: Path) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ci = f" [{float(r['ci_low']):+.1f}, {float(r['ci_high']):+.1f}]" if r.get("ci_low") else ""
+        ci = ci_cell(float(r["ci_low"]), float(r["ci_high"])) if r.get("ci_low") else ""
         p = r.get("wilcoxon_p") or "-"
         pub = PUBLISHED_SDW.get(r["task"])
         gap = f"{pub - PUBLISHED_AVPBC[r['task']]:+.1f}" if pub is not None else "-"

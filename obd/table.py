@@ -286,7 +286,13 @@ def _diff(r: dict, prefix: str) -> str:
     if r.get(f"{prefix}sdw_minus_avpbc") is None:
         return "-"
     lo, hi = r.get(f"{prefix}ci_low"), r.get(f"{prefix}ci_high")
-    return f"{r[f'{prefix}sdw_minus_avpbc']:+.1f}" + (f" [{lo:+.1f}, {hi:+.1f}]" if lo is not None else "")
+    return f"{r[f'{prefix}sdw_minus_avpbc']:+.1f}" + (ci_cell(lo, hi) if lo is not None and hi is not None else "")
+
+
+def ci_cell(lo: float, hi: float) -> str:
+    """A paired interval with its reading: which method is ahead, or no evidence when it spans zero."""
+    word = "SDW ahead" if lo > 0 else "SDW behind" if hi < 0 else "no evidence"
+    return f" [{lo:+.1f}, {hi:+.1f}], {word}"
 
 
 def teacher_se(teacher: dict | None) -> float | None:
@@ -369,17 +375,7 @@ def readme_block(out: Path, root: Path = Path(".")) -> str:
 
     with open(root / out / "table.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    num = lambda x: float(x) if x not in ("", None) else None  # noqa: E731
-    lines = [(root / out / "table.md").read_text().rstrip(), "", f"![results]({out.as_posix()}/table.png)", ""]
-    lines.append("SDW - Av-PBC per dataset, paired by seed (the published gap beside it):")
-    lines.append("")
-    for r in rows:
-        pub_a, pub_s = num(r["published_avpbc"]), num(r["published_sdw"])
-        pub = f"{pub_s - pub_a:+.1f}" if pub_a is not None and pub_s is not None else "not published"
-        ci = f" [{float(r['ci_low']):+.1f}, {float(r['ci_high']):+.1f}]" if r.get("ci_low") not in ("", None) else ""
-        diff = num(r.get("sdw_minus_avpbc"))
-        ours = f"{diff:+.1f}{ci} over {r['n_pairs']} seeds, {r['verdict']}" if diff is not None else "not run"
-        lines.append(f"- {r['task']}: {ours} (paper: {pub})")
+    lines = [(root / out / "table.md").read_text().rstrip(), "", f"![results]({out.as_posix()}/table.png)"]
     walls = [
         f"{r['task']} "
         + ", ".join(f"{m} {float(r[f'{m}_wall_s']):.0f}" for m in ("avpbc", "sdw", "random") if r.get(f"{m}_wall_s"))

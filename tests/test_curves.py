@@ -204,6 +204,7 @@ def test_the_docs_comparison_shows_each_paired_gap_beside_the_published_one_and_
     text = curves_comparison_table(tmp_path)
     hc = next(line for line in text.splitlines() if line.startswith("| halfcheetah-medium |"))
     assert "| 2 | +2.0 [" in hc and hc.endswith("| 1.10 | +2.6 |")  # published SDW 39.5 - Av-PBC 36.9
+    assert "], SDW ahead |" in hc  # the interval's reading beside it
     assert "| 55.2 +/- 1.5 (20 ep.), CORL 60.4 |" in hc  # the teacher beside CORL's
     assert "over 4 datasets" in text and "Spearman rho" in text
 

@@ -88,3 +88,11 @@ def test_compare_the_evaluations_at_an_outer_step(tmp_path, capsys):
     assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--steps", "100,200"]) == 0
     out = capsys.readouterr().out
     assert "step 100: A 13.0, B 11.0, A - B +2.0" in out and "step 200: A 31.0, B 31.0, A - B +0.0" in out
+
+
+def test_a_paired_interval_is_printed_with_its_reading():
+    from obd.table import ci_cell
+
+    assert ci_cell(0.4, 2.2) == " [+0.4, +2.2], SDW ahead"
+    assert ci_cell(-31.6, -21.8) == " [-31.6, -21.8], SDW behind"
+    assert ci_cell(-5.4, 5.5) == " [-5.4, +5.5], no evidence"

@@ -69,7 +69,7 @@ def test_table_runs_every_cell_once_and_rebuilds(tmp_path, capsys):
     assert main([*args[:-1], str(out), "--rebuild", "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
-    assert "hopper-random: " in text and f"![results]({out}/table.png)" in text
+    assert "| hopper-random | " in text and f"![results]({out}/table.png)" in text
     # a rebuild (metrics files only, no dataset) refuses a row whose runs came from two datasets
     one = json.loads(metrics[0].read_text())
     metrics[0].write_text(json.dumps({**one, "data_hash": "0" * 16}))
