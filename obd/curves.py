@@ -79,9 +79,10 @@ def plateau(curves: dict[int, Curve], outer_steps: int) -> dict:
     from obd.stats import paired_comparison
 
     T = outer_steps
-    per_seed = seed_plateaus(curves, T)
-    first_half = {seed: float(np.mean(_halves(c, T, seed)[0])) for seed, c in curves.items()}
-    second_half = {seed: float(np.mean(_halves(c, T, seed)[1])) for seed, c in curves.items()}
+    halves = {seed: _halves(c, T, seed) for seed, c in curves.items()}
+    per_seed = {seed: float(np.mean(a + b)) for seed, (a, b) in halves.items()}
+    first_half = {seed: float(np.mean(a)) for seed, (a, _) in halves.items()}
+    second_half = {seed: float(np.mean(b)) for seed, (_, b) in halves.items()}
     scores = np.array(list(per_seed.values()))
     change = paired_comparison(second_half, first_half)
     level = float(scores.mean())
@@ -192,7 +193,8 @@ def write_comparison(
             continue
         both = [*runs[(task, "avpbc")].values(), *runs[(task, "sdw")].values()]
         diversity = next((m["state_diversity_knn10"] for m in both if m.get("state_diversity_knn10")), None)
-        teacher = (teacher_of(both) or {}).get("normalized_return") or {}
+        record = teacher_of(both) or {}
+        teacher = record.get("normalized_return") or {}
         rows.append(
             {
                 "task": task,
@@ -205,9 +207,9 @@ def write_comparison(
                 "verdict": c["verdict"],
                 "state_diversity": round(diversity, 4) if diversity is not None else None,
                 "teacher_score": round(teacher["mean"], 1) if teacher.get("mean") is not None else None,
-                "teacher_se": teacher_se(teacher_of(both)),
+                "teacher_se": teacher_se(record),
                 "teacher_episodes": teacher.get("episodes"),
-                "corl_td3bc": (teacher_of(both) or {}).get("corl_td3bc_score"),
+                "corl_td3bc": record.get("corl_td3bc_score"),
             }
         )
     for name in ("comparison.csv", "diversity.json", "diversity.png"):

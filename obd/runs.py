@@ -52,8 +52,11 @@ def _only_longer(have: dict, want: dict) -> bool:
     """Whether ``want`` is ``have`` run for more outer steps at a constant learning rate."""
     if want["distill"]["outer_lr_schedule"] != "constant" or want["outer_steps"] <= have["outer_steps"]:
         return False
-    strip = lambda c: {k: v for k, v in c.items() if k not in LENGTH_KEYS}  # noqa: E731
-    return config_difference(strip(have), strip(want)) is None
+    return config_difference(_without_length(have), _without_length(want)) is None
+
+
+def _without_length(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in LENGTH_KEYS}
 
 
 def check_same_data(path: Path, metrics: dict, data_hash: str, rerun: str) -> None:
@@ -110,10 +113,8 @@ def check_continuable(out: Path, cfg: RunConfig, data_hash: str | None = None) -
         return  # a run started before run.json existed: nothing to compare
     stored = json.loads(path.read_text())
     have, want = comparable_run(stored["config"]), comparable_run(to_dict(cfg))
-    if want["distill"]["outer_lr_schedule"] == "constant":
-        for c in (have, want):  # a run at a constant learning rate may be continued to more outer steps
-            for k in LENGTH_KEYS:
-                c.pop(k, None)
+    if want["distill"]["outer_lr_schedule"] == "constant":  # it may be continued to more outer steps
+        have, want = _without_length(have), _without_length(want)
     diff = config_difference(have, want)
     if diff:
         raise ObdError(f"{out}: its checkpoint is of another run ({diff}); use another --out")
