@@ -6,6 +6,8 @@ obd evaluate ...   re-evaluate a synthetic set     (obd.evaluate)
 obd report ...     rewrite a sweep's report        (obd.report)
 obd table ...      many datasets x methods x seeds (obd.table)
 obd curves ...     where each dataset's plateau is (obd.curves)
+obd variants ...   one dataset's recipes compared  (obd.variants)
+obd stats A B      two result folders, paired      (obd.stats)
 obd docs           regenerate README/docs tables   (obd.docs)
 obd export ...     a distilled set as hdf5/Minari  (obd.export)
 obd misalignment   BC loss vs return per dataset   (obd.misalignment)
@@ -30,6 +32,8 @@ COMMANDS = {
     "report": "obd.report",
     "table": "obd.table",
     "curves": "obd.curves",
+    "variants": "obd.variants",
+    "stats": "obd.stats",
     "docs": "obd.docs",
     "targets": "obd.targets",
     "misalignment": "obd.misalignment",

@@ -10,6 +10,8 @@ NAME is a results folder (``results/quick``: the table of ``obd.table``, see
 - ``docs:curves``: each dataset's plateau, from ``results/curves/plateau.csv``;
 - ``docs:curves-comparison``: SDW - Av-PBC on each plateau and the diversity claim, from
   ``results/curves/comparison.csv`` and ``diversity.json``;
+- ``variants:FOLDER``: recipes of one dataset against a reference, from ``FOLDER/variants.csv``
+  (the output of ``python -m obd.variants``);
 - ``docs:teachers``: every teacher a committed run or ``results/teachers/*.json`` (the output of
   ``python -m obd.targets``) records, its score beside CORL's TD3+BC.
 
@@ -181,6 +183,42 @@ def curves_comparison_table(root: Path) -> str:
     return text
 
 
+def variants_table(folder: Path) -> str:
+    """One row per recipe of ``folder/variants.csv``: its plateau, and its paired difference from the
+    reference at the same outer steps and on each one's own plateau."""
+    from obd.table import ci_cell
+
+    path = folder / "variants.csv"
+    if not path.is_file():
+        return f"No comparison committed in {folder.name}/ yet (`python -m obd.variants`).\n"
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def diff(r: dict, key: str) -> str:
+        if not r.get(key):
+            return "-"
+        lo, hi = r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high")
+        return f"{float(r[key]):+.1f}" + (ci_cell(float(lo), float(hi), "") if lo and hi else "")
+
+    lines = [
+        "| recipe | runs | seeds | outer steps | plateau (+/- s.e.), flat | steps (CPU min) to it | "
+        "minus the reference, same steps (95% t CI) | minus the reference, each on its own plateau |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        se = f" +/- {float(r['plateau_se']):.1f}" if r.get("plateau_se") else ""
+        cpu = f" ({float(r['cpu_seconds_to_plateau']) / 60:.1f})" if r.get("cpu_seconds_to_plateau") else ""
+        same = diff(r, "minus_reference_same_steps")
+        if same != "-":
+            same = f"at {r['common_steps']}: {same}"
+        lines.append(
+            f"| {r['recipe']} | `{r['source']}` | {r['seeds']} | {r['outer_steps']} | "
+            f"{float(r['plateau_score']):.1f}{se}, {'flat' if r['flat'] == 'True' else 'not flat'} | "
+            f"{r['steps_to_plateau']}{cpu} | {same} | {diff(r, 'minus_reference_own_plateaus')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def teachers_table(root: Path) -> str:
     from obd.table import NINE
 
@@ -225,6 +263,8 @@ def block(name: str, page: Path, root: Path = ROOT) -> str:
     """What the generated block NAME of ``page`` should hold."""
     if name in TABLES:
         return TABLES[name](root)
+    if name.startswith("variants:"):
+        return variants_table(root / name.split(":", 1)[1])
     from obd.table import readme_block
 
     return readme_block(Path(name), page.parent)

@@ -289,10 +289,11 @@ def _diff(r: dict, prefix: str) -> str:
     return f"{r[f'{prefix}sdw_minus_avpbc']:+.1f}" + (ci_cell(lo, hi) if lo is not None and hi is not None else "")
 
 
-def ci_cell(lo: float, hi: float) -> str:
-    """A paired interval with its reading: which method is ahead, or no evidence when it spans zero."""
-    word = "SDW ahead" if lo > 0 else "SDW behind" if hi < 0 else "no evidence"
-    return f" [{lo:+.1f}, {hi:+.1f}], {word}"
+def ci_cell(lo: float, hi: float, who: str = "SDW") -> str:
+    """A paired interval with its reading: whether ``who`` (the first of the pair) is ahead or behind, or
+    no evidence when it spans zero."""
+    word = "ahead" if lo > 0 else "behind" if hi < 0 else "no evidence"
+    return f" [{lo:+.1f}, {hi:+.1f}], {f'{who} {word}'.strip() if word != 'no evidence' else word}"
 
 
 def teacher_se(teacher: dict | None) -> float | None:
