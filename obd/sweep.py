@@ -49,6 +49,7 @@ from obd.config import (
     to_dict,
 )
 from obd.errors import ConfigError, ObdError, check_writable, cli
+from obd.flags import PER_RUN, add_config_flags, config_layer
 from obd.runs import Claim, comparable, config_difference, finished_run
 from obd.seeding import derive_seed
 from obd.storage import Heartbeat, beat_orphans, connect
@@ -624,6 +625,29 @@ def log_study_to_wandb(sweep: Sweep, summary: dict) -> None:
     r.finish()
 
 
+def with_flags(spec: StudySpec, flags: dict) -> None:
+    """RunConfig fields given as flags join the study's ``fixed`` layer (so its definition); a searched
+    field or a bad value is one line before any work."""
+    searched = set(spec.search).union(*(sp or {} for sp in spec.method_search.values()))
+    clash = sorted(k for k in _dotted(flags) if k in searched)
+    if clash:
+        raise ConfigError(f"--{clash[0]}: the study searches this field; drop the flag or its search dimension")
+    if flags:
+        spec.fixed = deep_update(spec.fixed, flags)
+        merge(RunConfig(), spec.fixed)
+    if "device" in flags:
+        from obd.devices import resolve_device
+
+        resolve_device(flags["device"])
+
+
+def _dotted(d: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of a nested mapping's leaves."""
+    return [
+        k for key, v in d.items() for k in (_dotted(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])
+    ]
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m obd.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -648,7 +672,6 @@ def parser() -> argparse.ArgumentParser:
         help="runs at once on this machine, one torch thread each (default: the number of cores, at most 2)",
     )
     p.add_argument("--no-wandb", action="store_true", help="no W&B runs")
-    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="for every run (default auto)")
     p.add_argument(
         "--batched",
         action="store_true",
@@ -656,6 +679,7 @@ def parser() -> argparse.ArgumentParser:
         "computation, pruned trials dropped from their batch (for GPUs)",
     )
     p.add_argument("--batch-trials", type=int, default=8, help="trials per batch with --batched (default 8)")
+    add_config_flags(p, exclude=(*PER_RUN, "threads"))  # threads: --jobs sets them
     return p
 
 
@@ -675,13 +699,8 @@ def main(argv: list[str] | None = None) -> int:
         budget=a.budget,
         methods=a.methods.split(",") if a.methods else None,
     )
-    if a.no_wandb:
-        spec.fixed = deep_update(spec.fixed, {"wandb": False})
-    if a.device:
-        from obd.devices import resolve_device
-
-        resolve_device(a.device)  # a clean error before any work
-        spec.fixed = deep_update(spec.fixed, {"device": a.device})
+    flags = deep_update(config_layer(a), {"wandb": False} if a.no_wandb else {})
+    with_flags(spec, flags)
     out = Path(a.out or f"runs/sweep-{task}")
     jobs = min(2, os.cpu_count() or 1) if a.jobs is None else a.jobs
     if jobs < 1 or a.batch_trials < 1:

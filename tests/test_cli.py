@@ -140,7 +140,7 @@ def test_non_editable_install_finds_the_default_study(tmp_path):
 def test_run_settings_of_train_table_and_curves_come_from_the_config_dataclasses():
     """Every flag that sets a run's config is generated from RunConfig (or is a declared alias); the rest are
     the command's own (what to run, where to write)."""
-    from obd import curves, table, train
+    from obd import curves, sweep, table, train
     from obd.flags import ALIASES, leaves
 
     generated = {f"--{k}" for k, *_ in leaves()} | {f"--{a}" for a in ALIASES}
@@ -151,6 +151,8 @@ def test_run_settings_of_train_table_and_curves_come_from_the_config_dataclasses
         | {"--rebuild", "--batched", "--storage", "--worker"},
         curves: {"--tasks", "--methods", "--seeds", "--budget", "--config", "--outer-steps", "--eval-every"}
         | {"--out", "--jobs", "--rebuild", "--batched"},
+        sweep: {"--task", "--study", "--methods", "--trials", "--seeds", "--budget", "--storage", "--out"}
+        | {"--worker", "--jobs", "--no-wandb", "--batched", "--batch-trials"},
     }
     for module, mine in own.items():
         flags = {s for a in module.parser()._actions for s in a.option_strings} - {"-h", "--help"}

@@ -417,6 +417,23 @@ def test_bad_counts_and_unwritable_places_are_one_line_before_any_work(tmp_path,
         os.environ.pop("OBD_DATA_DIR") if before is None else os.environ.update(OBD_DATA_DIR=before)
 
 
+def test_config_flags_join_the_studys_fixed_fields_and_a_searched_one_is_refused(tmp_path):
+    from obd.errors import ConfigError
+    from obd.flags import config_layer
+    from obd.sweep import parser, with_flags
+
+    spec = load_study(write_study(tmp_path), "hopper-random")
+    flags = config_layer(parser().parse_args(["--eval.policies", "3", "--density.clip", "7"]))
+    with_flags(spec, flags)
+    assert spec.fixed["eval"]["policies"] == 3 and spec.fixed["density"]["clip"] == 7
+    assert spec.fixed["eval"]["hidden"] == [16, 16]  # the study's own fixed fields stay
+    searched = next(iter(spec.search))
+    with pytest.raises(ConfigError, match=f"--{searched}: the study searches this field"):
+        with_flags(spec, config_layer(parser().parse_args([f"--{searched}", "0.02"])))
+    with pytest.raises(ConfigError, match="eval.policies"):
+        with_flags(spec, config_layer(parser().parse_args(["--eval.policies", "many"])))
+
+
 def test_workers_and_resumed_processes_propose_distinct_trials_and_a_repeat_is_not_run(tmp_path, monkeypatch):
     import obd.train
     from obd.sweep import Sweep
