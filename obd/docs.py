@@ -106,6 +106,19 @@ def quick_steps_table(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def flat_cell(r: dict) -> str:
+    """``yes`` when flat; otherwise which way the last third's paired change goes, or ``unclear`` when its
+    interval spans zero (the evaluations' noise hides the trend; one seed has no interval)."""
+    if r["flat"] == "True":
+        return "yes"
+    lo, hi = r.get("change_ci_low"), r.get("change_ci_high")
+    if lo and hi and float(lo) > 0:
+        return "no: rising"
+    if lo and hi and float(hi) < 0:
+        return "no: falling"
+    return "no: unclear"
+
+
 def curves_table(root: Path) -> str:
     """One row per dataset and method of ``results/curves/plateau.csv``; for Av-PBC, whether its plateau
     is within 2 points of the published score (or above) within 15 CPU minutes of distillation."""
@@ -117,8 +130,8 @@ def curves_table(root: Path) -> str:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     lines = [
-        "| dataset | method | seeds | outer steps | plateau score (+/- s.e.) | change over the last third | flat | "
-        "steps to the plateau | distillation CPU min to it | published | published - 2 within 15 CPU min |",
+        "| dataset | method | seeds | outer steps | plateau score (+/- s.e.) | change over the last third (95% CI) | "
+        "flat | steps to the plateau | distillation CPU min to it | published | published - 2 within 15 CPU min |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     met: dict[str, list[str]] = {}
@@ -130,10 +143,13 @@ def curves_table(root: Path) -> str:
         target = "-"
         if r["method"] == "avpbc" and published is not None and cpu_s is not None:
             target = "yes" if float(r["plateau_score"]) >= published - 2 and cpu_s <= 15 * 60 else "no"
+        lo, hi = r.get("change_ci_low"), r.get("change_ci_high")
+        change = f"{float(r['last_third_change']):+.1f}" + (
+            f" [{float(lo):+.1f}, {float(hi):+.1f}]" if lo and hi else ""
+        )
         lines.append(
             f"| {r['task']} | {r['method']} | {r['seeds']} | {r['outer_steps']} | "
-            f"{float(r['plateau_score']):.1f}{se} | "
-            f"{float(r['last_third_change']):+.1f} | {'yes' if r['flat'] == 'True' else 'no'} | "
+            f"{float(r['plateau_score']):.1f}{se} | {change} | {flat_cell(r)} | "
             f"{r['steps_to_plateau']} | {cpu} | {'-' if published is None else published} | {target} |"
         )
         if target != "-":

@@ -119,20 +119,23 @@ def test_the_docs_table_marks_av_pbc_within_2_of_the_published_score_in_15_cpu_m
 
     (tmp_path / "results" / "curves").mkdir(parents=True)
     cols = (
-        "task,method,seeds,outer_steps,plateau_score,plateau_se,last_third_change,flat,steps_to_plateau,"
-        "cpu_seconds_to_plateau"
+        "task,method,seeds,outer_steps,plateau_score,plateau_se,last_third_change,change_ci_low,change_ci_high,"
+        "flat,steps_to_plateau,cpu_seconds_to_plateau"
     )
     rows = [
-        "halfcheetah-medium,avpbc,3,600,35.0,0.5,0.1,True,400,216.0",  # published 36.9: within 2
-        "hopper-medium,avpbc,3,900,30.0,0.5,0.1,True,400,216.0",  # published 32.5: 2.5 below
-        "walker2d-medium,avpbc,1,3000,45.0,,0.1,True,2900,1000.0",  # above, but after 16.7 CPU min
-        "halfcheetah-medium,sdw,3,600,38.2,0.2,0.4,True,400,213.0",
+        "halfcheetah-medium,avpbc,3,600,35.0,0.5,0.1,-1.0,1.2,True,400,216.0",  # published 36.9: within 2
+        "hopper-medium,avpbc,3,900,30.0,0.5,3.1,0.5,5.7,False,400,216.0",  # published 32.5: 2.5 below
+        "walker2d-medium,avpbc,1,3000,45.0,,2.0,,,False,2900,1000.0",  # above, but after 16.7 CPU min
+        "halfcheetah-medium,sdw,3,600,38.2,0.2,-4.0,-9.0,1.0,False,400,213.0",
     ]
     (tmp_path / "results" / "curves" / "plateau.csv").write_text("\n".join([cols, *rows]) + "\n")
     text = curves_table(tmp_path)
     lines = [line for line in text.splitlines()[2:] if line.startswith("|")]
     assert [line.rstrip(" |").rsplit("| ", 1)[1] for line in lines] == ["yes", "no", "no", "-"]
     assert "| 39.5 |" in lines[3]  # SDW's published halfcheetah-medium score, not Av-PBC's
+    # the last third's change with its interval, and what "not flat" means: rising, falling or unclear
+    assert "| +0.1 [-1.0, +1.2] | yes |" in lines[0] and "| +3.1 [+0.5, +5.7] | no: rising |" in lines[1]
+    assert "| +2.0 | no: unclear |" in lines[2] and "| -4.0 [-9.0, +1.0] | no: unclear |" in lines[3]
     assert "15 distillation CPU minutes: 1 of the 3 datasets measured (halfcheetah-medium)." in text
 
 
