@@ -227,6 +227,8 @@ def variants_table(folder: Path) -> str:
         same = diff(r, "minus_reference_same_steps")
         if same != "-":
             same = f"at {r['common_steps']}: {same}"
+        elif r.get("minus_reference_same_steps_verdict"):
+            same = r["minus_reference_same_steps_verdict"]
         lines.append(
             f"| {r['recipe']} | `{r['source']}` | {r['seeds']} | {r['outer_steps']} | "
             f"{float(r['plateau_score']):.1f}{se}, {'flat' if r['flat'] == 'True' else 'not flat'} | "

@@ -108,7 +108,11 @@ def compare(task: str, sources: list[str]) -> tuple[list[dict], list[dict]]:
             at_h = {s: [x for x in c if x[0] <= H] for s, c in curves.items()}
             ref_h = {s: [x for x in c if x[0] <= H] for s, c in ref_curves.items()}
             row["common_steps"] = H
-            row.update(_paired(seed_plateaus(at_h, H), seed_plateaus(ref_h, H), "minus_reference_same_steps"))
+            try:
+                row.update(_paired(seed_plateaus(at_h, H), seed_plateaus(ref_h, H), "minus_reference_same_steps"))
+            except ObdError:  # one of them was not evaluated often enough by then: no plateau to pair there
+                row.update(_paired({}, {}, "minus_reference_same_steps"))
+                row["minus_reference_same_steps_verdict"] = f"too few evaluations in the last third of {H} steps"
             row.update(_paired(seed_plateaus(own, T), ref_plateau, "minus_reference_own_plateaus"))
         rows.append(row)
         curve_rows += [
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("give the reference and at least one other source")
     for r in write(task, a.sources, Path(a.out)):
         line = f"{r['source']} ({r['recipe']}): plateau {r['plateau_score']:.1f} at {r['outer_steps']} steps"
-        if "minus_reference_same_steps" in r:
+        if r.get("minus_reference_same_steps") is not None:
             lo, hi = r["minus_reference_same_steps_ci_low"], r["minus_reference_same_steps_ci_high"]
             ci = f" [{lo:+.1f}, {hi:+.1f}]" if lo is not None else ""
             line += (

@@ -80,3 +80,18 @@ def test_a_source_with_another_teacher_is_refused(tmp_path):
         main(["hopper-medium", f"{tmp_path / 'a'}:avpbc", f"{tmp_path / 'b'}:sdw", "--out", str(tmp_path / "o")])
     with pytest.raises(ObdError, match="no finished avpbc runs"):
         main(["hopper-medium", f"{tmp_path / 'a'}:avpbc", f"{tmp_path / 'b'}:avpbc", "--out", str(tmp_path / "o")])
+
+
+def test_a_sparsely_evaluated_source_is_compared_on_its_own_plateau_only(tmp_path):
+    """Evaluated every 250 steps, a 5000-step source has one evaluation in the last third of the
+    reference's 600 steps: no plateau to pair there, said so; its own plateau is still compared."""
+    write_runs(tmp_path / "ref", lambda s: 30.0, list(range(100, 601, 100)), cfg("adam", 0.02, "x"))
+    write_runs(tmp_path / "sgd", lambda s: 20.0, list(range(250, 5001, 250)), cfg("sgd", 0.02, "y"))
+    out = tmp_path / "cmp"
+    main(["hopper-medium", f"{tmp_path / 'ref'}:avpbc", f"{tmp_path / 'sgd'}:avpbc", "--out", str(out)])
+    with open(out / "variants.csv", newline="") as f:
+        _, sgd = list(csv.DictReader(f))
+    assert (
+        sgd["minus_reference_same_steps"] == "" and "too few evaluations" in sgd["minus_reference_same_steps_verdict"]
+    )
+    assert float(sgd["minus_reference_own_plateaus"]) == pytest.approx(-10, abs=0.5)
