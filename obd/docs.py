@@ -166,17 +166,22 @@ def curves_table(root: Path) -> str:
 
 def curves_comparison_table(root: Path) -> str:
     """SDW - Av-PBC on the plateau per dataset (paired by seed), then the diversity claim's line."""
-    from obd.table import PUBLISHED_AVPBC, PUBLISHED_SDW, ci_cell, teacher_cell
+    from obd.table import PUBLISHED_AVPBC, PUBLISHED_SDW, ci_cell, reading, teacher_cell
 
     folder = root / "results" / "curves"
     if not (folder / "comparison.csv").is_file():
         return "No paired plateau comparison committed yet (`python -m obd.curves`).\n"
     with open(folder / "comparison.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    quick: dict[str, dict] = {}
+    if (root / "results" / "quick" / "table.csv").is_file():
+        with open(root / "results" / "quick" / "table.csv", newline="") as f:
+            quick = {r["task"]: r for r in csv.DictReader(f) if r.get("ci_low") and r.get("ci_high")}
     lines = [
         "| dataset | teacher (+/- s.e.; CORL's TD3+BC) | outer steps | paired seeds | "
-        "SDW - Av-PBC on the plateau (95% t CI) | Wilcoxon p | state diversity | published SDW - Av-PBC |",
-        "|---|---|---|---|---|---|---|---|",
+        "SDW - Av-PBC on the plateau (95% t CI) | Wilcoxon p | state diversity | published SDW - Av-PBC | "
+        "the quick table's reading (300 steps) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ci = ci_cell(float(r["ci_low"]), float(r["ci_high"])) if r.get("ci_low") else ""
@@ -184,9 +189,16 @@ def curves_comparison_table(root: Path) -> str:
         pub = PUBLISHED_SDW.get(r["task"])
         gap = f"{pub - PUBLISHED_AVPBC[r['task']]:+.1f}" if pub is not None else "-"
         diversity = f"{float(r['state_diversity']):.2f}" if r.get("state_diversity") else "-"
+        q = quick.get(r["task"])
+        before = "-"
+        if q is not None:
+            before = reading(float(q["ci_low"]), float(q["ci_high"]))
+            if r.get("ci_low"):
+                same = before == reading(float(r["ci_low"]), float(r["ci_high"]))
+                before += " (same)" if same else " (changed)"
         lines.append(
             f"| {r['task']} | {teacher_cell(r)} | {r['outer_steps']} | {r['n_pairs']} | "
-            f"{float(r['sdw_minus_avpbc']):+.1f}{ci} | {p} | {diversity} | {gap} |"
+            f"{float(r['sdw_minus_avpbc']):+.1f}{ci} | {p} | {diversity} | {gap} | {before} |"
         )
     text = "\n".join(lines) + "\n"
     if (folder / "diversity.json").is_file():

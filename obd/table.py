@@ -289,11 +289,15 @@ def _diff(r: dict, prefix: str) -> str:
     return f"{r[f'{prefix}sdw_minus_avpbc']:+.1f}" + (ci_cell(lo, hi) if lo is not None and hi is not None else "")
 
 
+def reading(lo: float, hi: float, who: str = "SDW") -> str:
+    """What a paired interval says: ``who`` (the first of the pair) ahead or behind, or no evidence when
+    it spans zero."""
+    return f"{who} ahead".strip() if lo > 0 else f"{who} behind".strip() if hi < 0 else "no evidence"
+
+
 def ci_cell(lo: float, hi: float, who: str = "SDW") -> str:
-    """A paired interval with its reading: whether ``who`` (the first of the pair) is ahead or behind, or
-    no evidence when it spans zero."""
-    word = "ahead" if lo > 0 else "behind" if hi < 0 else "no evidence"
-    return f" [{lo:+.1f}, {hi:+.1f}], {f'{who} {word}'.strip() if word != 'no evidence' else word}"
+    """A paired interval with its reading."""
+    return f" [{lo:+.1f}, {hi:+.1f}], {reading(lo, hi, who)}"
 
 
 def teacher_se(teacher: dict | None) -> float | None:

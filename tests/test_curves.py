@@ -204,10 +204,17 @@ def test_the_docs_comparison_shows_each_paired_gap_beside_the_published_one_and_
             _write_run(tmp_path / "results" / "curves", task, "avpbc", seed, 600, lambda s: 30.0, diversity=diversity)
             _write_run(tmp_path / "results" / "curves", task, "sdw", seed, 600, lambda s: 32.0)
     build(tmp_path / "results" / "curves")
+    (tmp_path / "results" / "quick").mkdir()  # the quick table's reading beside each plateau's
+    (tmp_path / "results" / "quick" / "table.csv").write_text(
+        "task,sdw_minus_avpbc,ci_low,ci_high\nhalfcheetah-medium,1.3,0.4,2.2\nhopper-medium,-3.0,-4.0,-2.0\n"
+    )
     text = curves_comparison_table(tmp_path)
     hc = next(line for line in text.splitlines() if line.startswith("| halfcheetah-medium |"))
-    assert "| 2 | +2.0 [" in hc and hc.endswith("| 1.10 | +2.6 |")  # published SDW 39.5 - Av-PBC 36.9
+    assert "| 2 | +2.0 [" in hc and hc.endswith("| 1.10 | +2.6 | SDW ahead (same) |")  # published 39.5 - 36.9
     assert "], SDW ahead |" in hc  # the interval's reading beside it
+    lines = text.splitlines()
+    assert next(x for x in lines if x.startswith("| hopper-medium |")).endswith("| SDW behind (changed) |")
+    assert next(x for x in lines if x.startswith("| walker2d-medium |")).endswith("| - |")  # not in the quick table
     assert "| 55.2 +/- 1.5 (20 ep.), CORL 60.4 |" in hc  # the teacher beside CORL's
     assert "over 4 datasets" in text and "Spearman rho" in text
 
