@@ -12,6 +12,8 @@ NAME is a results folder (``results/quick``: the table of ``obd.table``, see
   ``results/curves/comparison.csv`` and ``diversity.json``;
 - ``variants:FOLDER``: recipes of one dataset against a reference, from ``FOLDER/variants.csv``
   (the output of ``python -m obd.variants``);
+- ``docs:converged``: the ``converged`` budget per dataset (outer steps, teacher steps) and a run's
+  distillation CPU minutes at that length, read off ``results/curves/curves.csv``;
 - ``docs:teachers``: every teacher a committed run or ``results/teachers/*.json`` (the output of
   ``python -m obd.targets``) records, its score beside CORL's TD3+BC.
 
@@ -211,6 +213,32 @@ def curves_comparison_table(root: Path) -> str:
     return text
 
 
+def converged_table(root: Path) -> str:
+    """Per dataset, the ``converged`` budget's outer steps and teacher steps, and the distillation CPU
+    minutes a run of that length took in the curves (mean over their runs that reached it, both methods)."""
+    from obd.config import build_config
+    from obd.table import NINE
+
+    cpu: dict[tuple[str, int], list[float]] = {}
+    path = root / "results" / "curves" / "curves.csv"
+    if path.is_file():
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                if r.get("distill_cpu_s"):
+                    cpu.setdefault((r["task"], int(r["step"])), []).append(float(r["distill_cpu_s"]))
+    lines = [
+        "| dataset | outer steps | teacher TD3+BC steps | distillation CPU min per run (curves' runs at that step) |",
+        "|---|---|---|---|",
+    ]
+    for task in NINE:
+        cfg = build_config("converged", [{"data": {"source": task}}])
+        T = cfg.outer_steps
+        at = cpu.get((task, T))
+        minutes = f"{np.mean(at) / 60:.1f} ({len(at)} runs)" if at else "- (no curve reaches it)"
+        lines.append(f"| {task} | {T} | {cfg.teacher.td3bc.steps // 1000}k | {minutes} |")
+    return "\n".join(lines) + "\n"
+
+
 def variants_table(folder: Path) -> str:
     """One row per recipe of ``folder/variants.csv``: its plateau, and its paired difference from the
     reference at the same outer steps and on each one's own plateau."""
@@ -286,6 +314,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "docs:curves": curves_table,
     "docs:curves-comparison": curves_comparison_table,
     "docs:teachers": teachers_table,
+    "docs:converged": converged_table,
 }
 
 

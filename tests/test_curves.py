@@ -274,3 +274,19 @@ def test_a_finished_curve_asked_for_more_steps_continues_to_the_longer_run(tmp_p
     assert "has no checkpoint" in capsys.readouterr().err
     assert cli(main, _curves_args(tmp_path, "straight", 12, "--distill.outer_lr_schedule", "cosine")) == 2
     assert "another configuration" in capsys.readouterr().err
+
+
+def test_the_converged_budget_table_reads_a_runs_cpu_minutes_at_its_length_off_the_curves(tmp_path):
+    from obd.config import build_config
+    from obd.docs import converged_table
+
+    T = build_config("converged", [{"data": {"source": "halfcheetah-medium"}}]).outer_steps
+    (tmp_path / "results" / "curves").mkdir(parents=True)
+    (tmp_path / "results" / "curves" / "curves.csv").write_text(
+        "task,method,seed,step,score,distill_cpu_s\n"
+        f"halfcheetah-medium,avpbc,0,{T},30.0,200.0\nhalfcheetah-medium,sdw,0,{T},31.0,220.0\n"
+        f"halfcheetah-medium,sdw,0,{T + 100},31.0,999.0\n"
+    )
+    lines = converged_table(tmp_path).splitlines()
+    assert f"| halfcheetah-medium | {T} | 30k | 3.5 (2 runs) |" in lines
+    assert any(x.startswith("| walker2d-medium-expert |") and x.endswith("| - (no curve reaches it) |") for x in lines)
