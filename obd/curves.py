@@ -86,13 +86,8 @@ def plateau(curves: dict[int, Curve], outer_steps: int) -> dict:
     scores = np.array(list(per_seed.values()))
     change = paired_comparison(second_half, first_half)
     level = float(scores.mean())
-    steps = sorted(set.intersection(*(set(st for st, _, _ in c) for c in curves.values())))
-    mean_curve = np.array([np.mean([dict((st, s) for st, s, _ in c)[step] for c in curves.values()]) for step in steps])
-    smooth = np.convolve(np.pad(mean_curve, 1, mode="edge"), np.ones(3) / 3, mode="valid")
-    reached = next(i for i, v in enumerate(smooth) if v >= level - FLAT_POINTS)
-    step = steps[reached]
-    cpus = [dict((st, cpu) for st, _, cpu in c)[step] for c in curves.values()]
-    known = [c for c in cpus if c is not None]
+    step, cpu = first_reaching(curves, level - FLAT_POINTS)
+    assert step is not None  # the smoothed mean curve's last third averages to the level: it gets there
     return {
         "seeds": len(curves),
         "outer_steps": T,
@@ -103,8 +98,24 @@ def plateau(curves: dict[int, Curve], outer_steps: int) -> dict:
         "change_ci_high": round(change["paired_t_ci"][1], 2) if "paired_t_ci" in change else None,
         "flat": abs(change["mean_difference"]) <= FLAT_POINTS,
         "steps_to_plateau": step,
-        "cpu_seconds_to_plateau": round(float(np.mean(known)), 0) if len(known) == len(cpus) else None,
+        "cpu_seconds_to_plateau": cpu,
     }
+
+
+def first_reaching(curves: dict[int, Curve], level: float) -> tuple[int | None, float | None]:
+    """(outer step, the seeds' mean distillation CPU seconds there) of the first evaluation from which the
+    mean curve over seeds, smoothed by a running mean of 3 evaluations, is at ``level`` or above; (None,
+    None) when it never is. CPU seconds are None when a seed did not record them."""
+    steps = sorted(set.intersection(*(set(st for st, _, _ in c) for c in curves.values())))
+    mean_curve = np.array([np.mean([dict((st, s) for st, s, _ in c)[step] for c in curves.values()]) for step in steps])
+    smooth = np.convolve(np.pad(mean_curve, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    reached = next((i for i, v in enumerate(smooth) if v >= level), None)
+    if reached is None:
+        return None, None
+    step = steps[reached]
+    cpus = [dict((st, cpu) for st, _, cpu in c)[step] for c in curves.values()]
+    known = [c for c in cpus if c is not None]
+    return step, round(float(np.mean(known)), 0) if len(known) == len(cpus) else None
 
 
 def read_runs(out: Path, tasks: list[str] | None = None) -> dict[tuple[str, str], dict[int, dict]]:

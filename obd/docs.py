@@ -258,12 +258,17 @@ def variants_table(folder: Path) -> str:
 
     lines = [
         "| recipe | runs | seeds | outer steps | plateau (+/- s.e.), flat | steps (CPU min) to it | "
-        "minus the reference, same steps (95% t CI) | minus the reference, each on its own plateau |",
-        "|---|---|---|---|---|---|---|---|",
+        "minus the reference, same steps (95% t CI) | minus the reference, each on its own plateau | "
+        "steps (CPU min) to the reference's plateau - 1 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         se = f" +/- {float(r['plateau_se']):.1f}" if r.get("plateau_se") else ""
         cpu = f" ({float(r['cpu_seconds_to_plateau']) / 60:.1f})" if r.get("cpu_seconds_to_plateau") else ""
+        to_ref = "-" if r["source"] == rows[0]["source"] else "never"
+        if r.get("steps_to_reference_level"):
+            cpu_ref = r.get("cpu_seconds_to_reference_level")
+            to_ref = r["steps_to_reference_level"] + (f" ({float(cpu_ref) / 60:.1f})" if cpu_ref else "")
         same = diff(r, "minus_reference_same_steps")
         if same != "-":
             same = f"at {r['common_steps']}: {same}"
@@ -272,7 +277,7 @@ def variants_table(folder: Path) -> str:
         lines.append(
             f"| {r['recipe']} | `{r['source']}` | {r['seeds']} | {r['outer_steps']} | "
             f"{float(r['plateau_score']):.1f}{se}, {'flat' if r['flat'] == 'True' else 'not flat'} | "
-            f"{r['steps_to_plateau']}{cpu} | {same} | {diff(r, 'minus_reference_own_plateaus')} |"
+            f"{r['steps_to_plateau']}{cpu} | {same} | {diff(r, 'minus_reference_own_plateaus')} | {to_ref} |"
         )
     return "\n".join(lines) + "\n"
 

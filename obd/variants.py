@@ -9,7 +9,9 @@ sources' mean curves against outer step and against distillation CPU minutes).
 Per source, on its own horizon T (its shortest seed's steps), the plateau of :func:`obd.curves.plateau`
 (mean over the last third, flat when the change over it is within +/- 1 point); against the reference,
 paired by seed, twice: both read at their common horizon (the same outer steps), and each on its own
-plateau (where each recipe ends up, at whatever steps it ran). Sources on another dataset version or
+plateau (where each recipe ends up, at whatever steps it ran); and the steps and CPU time until its mean
+curve (smoothed as the plateau's) comes within 1 point of the reference's plateau, what a faster recipe is
+judged by. Sources on another dataset version or
 with another teacher than the reference's are refused: their targets differ.
 """
 
@@ -19,7 +21,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from obd.curves import Curve, _write_csv, distill_cpu_seconds, plateau, plot_task, read_runs, seed_plateaus
+import numpy as np
+
+from obd.curves import (
+    FLAT_POINTS,
+    Curve,
+    _write_csv,
+    distill_cpu_seconds,
+    first_reaching,
+    plateau,
+    plot_task,
+    read_runs,
+    seed_plateaus,
+)
 from obd.errors import ConfigError, ObdError, cli
 
 # fields that say where or how fast a run went, not what it computed
@@ -114,6 +128,9 @@ def compare(task: str, sources: list[str]) -> tuple[list[dict], list[dict]]:
                 row.update(_paired({}, {}, "minus_reference_same_steps"))
                 row["minus_reference_same_steps_verdict"] = f"too few evaluations in the last third of {H} steps"
             row.update(_paired(seed_plateaus(own, T), ref_plateau, "minus_reference_own_plateaus"))
+            # what a faster recipe is judged by: the CPU time until it is within a point of the reference's plateau
+            step, cpu = first_reaching(own, float(np.mean(list(ref_plateau.values()))) - FLAT_POINTS)
+            row["steps_to_reference_level"], row["cpu_seconds_to_reference_level"] = step, cpu
         rows.append(row)
         curve_rows += [
             {"task": task, "method": _name(i, spec), "seed": s, "step": st, "score": sc, "distill_cpu_s": cpu}

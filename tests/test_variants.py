@@ -64,12 +64,16 @@ def test_a_slower_recipe_is_behind_at_the_same_steps_and_level_on_its_own_platea
     assert float(slow["minus_reference_same_steps"]) < -10 and slow["minus_reference_same_steps_verdict"]
     assert float(slow["minus_reference_same_steps_ci_high"]) < 0
     assert abs(float(slow["minus_reference_own_plateaus"])) < 1
+    # within a point of the reference's 30 from about step 1500 (29/30 of the way), at 0.5 CPU s per step
+    assert 1300 <= int(slow["steps_to_reference_level"]) <= 1500
+    assert float(slow["cpu_seconds_to_reference_level"]) == pytest.approx(0.5 * int(slow["steps_to_reference_level"]))
     assert (out / "hopper-medium.png").is_file()
     from obd.docs import variants_table
 
     table = variants_table(out).splitlines()
     assert len(table) == 4 and "| reference |" in table[2]
-    assert "| at 600: -" in table[3] and "], behind | " in table[3] and table[3].endswith("], no evidence |")
+    assert "| at 600: -" in table[3] and "], behind | " in table[3] and "], no evidence | 1" in table[3]
+    assert table[2].endswith("| - |")  # the reference
 
 
 def test_a_source_with_another_teacher_is_refused(tmp_path):
