@@ -132,6 +132,10 @@ class DistillConfig:
     test_batches: int = field(default=10, metadata=_rng(1))  # outer loss over test_batches x batch_size states
     batch_size: int = field(default=256, metadata=_rng(1))  # real states per outer batch
     beta: float = field(default=0.02, metadata=_rng(gt=0))  # Av-PBC weight = beta * Q(s, pi*(s))
+    # None: beta as given (published). Else beta * q_reference / (the teacher's median Q over the data): the
+    # weights get the scale beta was set for with another teacher (the authors' Cal-QL on halfcheetah-medium:
+    # a median Q of about 491); under SGD the outer step scales with it, under Adam nothing changes.
+    q_reference: float | None = field(default=None, metadata=_rng(gt=0))
     truncate: int | None = field(default=None, metadata=_rng(1))  # truncated BPTT: the last K inner steps only
     cuda_graph: bool = True  # on CUDA: the outer iteration captured once and replayed (obd.cuda_graphs)
     inner_precision: InnerPrecision = "float32"  # bfloat16: the kernel's products in bf16 (docs/performance.md)

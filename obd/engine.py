@@ -61,6 +61,12 @@ def fresh_policy(cfg: DistillConfig, obs_dim: int, act_dim: int, step: int) -> P
     return init_policy(obs_dim, act_dim, cfg.hidden, gen, cfg.init)
 
 
+def q_weight_factor(targets: Targets, cfg: RunConfig) -> float:
+    """distill.beta as the Q weights use it (rescaled to the teacher's Q when distill.q_reference is set)."""
+    d = cfg.distill
+    return targets.beta(d.beta, d.q_reference) if d.method in ("avpbc", "sdw") else d.beta
+
+
 def outer_gradients(
     cfgs: Sequence[DistillConfig],
     S: Tensor,
@@ -153,7 +159,7 @@ class Run:
         self.stopped: Exception | None = None
         self.last: dict[str, float] = {}
         if self.distils:
-            dm.add_run(method, d.beta, cfg.density, d.batch_size, d.test_batches, d.seed)
+            dm.add_run(method, q_weight_factor(dm.targets, cfg), cfg.density, d.batch_size, d.test_batches, d.seed)
             self.opt, self.schedule = outer_optimizer([self.S, self.A], d, cfg.outer_steps)
             if resume:
                 self.load()
@@ -288,7 +294,7 @@ class Run:
             "history": self.history,
             "set_change": set_change(states, actions, *self.start),
             "wall_seconds": self.wall_seconds(t0),
-            **t.describe(c.distill.method, c.distill.beta, c.density),
+            **t.describe(c.distill.method, q_weight_factor(t, c), c.density),
             "versions": versions(),
             "config": to_dict(c),
         }

@@ -132,6 +132,20 @@ class Targets:
             return self.teacher_actions, q_w
         return self.teacher_actions, q_w * self.density_weights(density)
 
+    def beta(self, beta: float, q_reference: float | None) -> float:
+        """The Q weights' factor: ``beta``, or with ``q_reference`` (DistillConfig) ``beta`` rescaled so that
+        the teacher's median Q counts as ``q_reference`` does."""
+        if q_reference is None:
+            return beta
+        if self.q is None:
+            raise RuntimeError("q_reference needs the teacher's Q; prepare targets for avpbc or sdw")
+        median = float(self.q.double().median())
+        if median <= 0:
+            from obd.errors import ObdError
+
+            raise ObdError(f"distill.q_reference: the teacher's median Q is {median:.3g}, not a scale to match")
+        return beta * q_reference / median
+
     def density_weights(self, density: DensityConfig) -> torch.Tensor:
         from obd.density import weights_from_log_density
 
@@ -158,11 +172,14 @@ class Targets:
             q = self.q.double()
             out["q_stats"] = {
                 "mean": float(q.mean()),
+                "median": float(q.median()),
                 "std": float(q.std()),
                 "min": float(q.min()),
                 "max": float(q.max()),
                 "negative_fraction": float((q < 0).double().mean()),  # clamped to weight 0 in Av-PBC / SDW
             }
+        if method in ("avpbc", "sdw"):
+            out["beta"] = beta  # the Q weights' factor used (distill.beta, rescaled when q_reference is set)
         if method not in BASELINE_START:
             _, w = self.targets_and_weights(method, beta, density)
             out["weight_stats"] = weight_stats(w)
@@ -366,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     cfg = build_config(a.budget, [{"data": {"source": a.source}}, config_layer(a)])  # an unknown budget: one line
     t = prepare_targets(cfg, a.method)
-    print(json.dumps(t.describe(a.method, cfg.distill.beta, cfg.density), indent=1, default=str))
+    beta = t.beta(cfg.distill.beta, cfg.distill.q_reference) if a.method in ("avpbc", "sdw") else cfg.distill.beta
+    print(json.dumps(t.describe(a.method, beta, cfg.density), indent=1, default=str))
     return 0
 
 

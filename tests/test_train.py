@@ -104,6 +104,39 @@ def test_describe_says_where_sdw_moves_the_weight_in_value_terms():
     assert "density_q_correlation" not in av and "low_q_share" not in t.describe("pbc", 0.02, dens)["weight_stats"]
 
 
+def test_q_reference_rescales_beta_to_the_teachers_median_q():
+    """With q_reference the Q weights' factor is beta * q_reference / median Q: the teacher's median state
+    weighs what it would with a teacher whose median Q is q_reference."""
+    from obd.data import get_task
+    from obd.engine import q_weight_factor
+    from obd.errors import ObdError
+    from obd.targets import Targets
+
+    n = 1001
+    q = torch.linspace(0, 400, n)  # median 200
+    t = Targets(
+        task=get_task("hopper-medium"),
+        data_hash="x",
+        obs=torch.zeros(n, 11),
+        actions=torch.zeros(n, 3),
+        mean=torch.zeros(11),
+        std=torch.ones(11),
+        behaviour_score=0.0,
+        teacher_actions=torch.zeros(n, 3),
+        q=q,
+    )
+    assert t.beta(0.02, None) == 0.02 and t.beta(0.02, 500.0) == pytest.approx(0.05)
+    cfg = merge(RunConfig(), {"distill": {"method": "avpbc", "q_reference": 500.0}})
+    assert q_weight_factor(t, cfg) == pytest.approx(0.05)
+    _, w = t.targets_and_weights("avpbc", q_weight_factor(t, cfg), DensityConfig())
+    assert float(w[500]) == pytest.approx(0.02 * 500.0)  # the median state: beta x q_reference
+    assert t.describe("avpbc", 0.05, DensityConfig())["beta"] == 0.05
+    assert q_weight_factor(t, merge(cfg, {"distill": {"method": "pbc"}})) == 0.02  # no Q weights: untouched
+    t.q = q - 300  # a teacher whose median Q is negative gives no scale to match
+    with pytest.raises(ObdError, match="median Q is -100"):
+        t.beta(0.02, 500.0)
+
+
 def test_targets_command_prints_the_description(tmp_path, monkeypatch, capsys):
     from obd.errors import ConfigError
     from obd.targets import main
