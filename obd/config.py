@@ -311,6 +311,14 @@ def nest(dotted: typing.Mapping[str, Any]) -> dict:
     return out
 
 
+def flatten(nested: typing.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"distill": {"inner_lr": 0.1}} -> {"distill.inner_lr": 0.1}: the inverse of :func:`nest`."""
+    out: dict[str, Any] = {}
+    for k, v in nested.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def deep_update(base: dict, upd: typing.Mapping) -> dict:
     out = copy.deepcopy(base)
     for k, v in upd.items():

@@ -42,6 +42,7 @@ from obd.config import (
     build_config,
     deep_update,
     field_type,
+    flatten,
     merge,
     nest,
     read_yaml,
@@ -629,7 +630,7 @@ def with_flags(spec: StudySpec, flags: dict) -> None:
     """RunConfig fields given as flags join the study's ``fixed`` layer (so its definition); a searched
     field or a bad value is one line before any work."""
     searched = set(spec.search).union(*(sp or {} for sp in spec.method_search.values()))
-    clash = sorted(k for k in _dotted(flags) if k in searched)
+    clash = sorted(k for k in flatten(flags) if k in searched)
     if clash:
         raise ConfigError(f"--{clash[0]}: the study searches this field; drop the flag or its search dimension")
     if flags:
@@ -639,13 +640,6 @@ def with_flags(spec: StudySpec, flags: dict) -> None:
         from obd.devices import resolve_device
 
         resolve_device(flags["device"])
-
-
-def _dotted(d: dict, prefix: str = "") -> list[str]:
-    """The dotted keys of a nested mapping's leaves."""
-    return [
-        k for key, v in d.items() for k in (_dotted(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])
-    ]
 
 
 def parser() -> argparse.ArgumentParser:

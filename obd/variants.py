@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from obd.config import flatten
 from obd.curves import (
     FLAT_POINTS,
     Curve,
@@ -35,22 +36,16 @@ from obd.curves import (
     seed_plateaus,
 )
 from obd.errors import ConfigError, ObdError, cli
+from obd.runs import comparable
 
-# fields that say where or how fast a run went, not what it computed
-BOOKKEEPING = ("out", "threads", "device", "budget", "outer_steps", "eval_every", "checkpoint_every", "grad_fn")
+# beyond what the run store ignores (obd.runs.comparable): the run's name for its recipe, its length and
+# its evaluation and checkpoint schedule, which say how long and how it was watched, not what it computed
+BOOKKEEPING = ("budget", "outer_steps", "eval_every", "checkpoint_every", "grad_fn")
 
 
-def flat_config(cfg: dict, prefix: str = "") -> dict[str, object]:
+def flat_config(cfg: dict) -> dict[str, object]:
     """``{"distill": {"beta": 0.02}}`` -> ``{"distill.beta": 0.02}``, bookkeeping and W&B fields left out."""
-    out: dict[str, object] = {}
-    for k, v in cfg.items():
-        if not prefix and (k in BOOKKEEPING or k.startswith("wandb")):
-            continue
-        if isinstance(v, dict):
-            out.update(flat_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    return flatten({k: v for k, v in comparable(cfg).items() if k not in BOOKKEEPING})
 
 
 def recipe_label(cfg: dict, reference: dict) -> str:

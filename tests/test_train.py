@@ -76,19 +76,16 @@ def test_density_estimate_is_cached_once_for_every_alpha_and_clip(tmp_path):
     assert len(list(cache.glob("logp-*.npy"))) == 2  # k changes the estimate
 
 
-def test_describe_says_where_sdw_moves_the_weight_in_value_terms():
-    """Rare states that are low-value (log p and Q correlated) pull SDW's weight below the median Q."""
+def hopper_targets(q: torch.Tensor, log_density: torch.Tensor | None = None, obs: torch.Tensor | None = None):
+    """Targets of n hopper states with the given Q(s, pi*(s)) (and log-density), zero actions."""
     from obd.data import get_task
     from obd.targets import Targets
 
-    n = 2000
-    g = torch.Generator().manual_seed(0)
-    q = torch.rand(n, generator=g) * 100 + 1
-    log_density = q / 10 + 0.1 * torch.randn(n, generator=g)  # the rare states are the low-Q ones
-    t = Targets(
+    n = len(q)
+    return Targets(
         task=get_task("hopper-medium"),
         data_hash="x",
-        obs=torch.randn(n, 11, generator=g),
+        obs=torch.zeros(n, 11) if obs is None else obs,
         actions=torch.zeros(n, 3),
         mean=torch.zeros(11),
         std=torch.ones(11),
@@ -97,6 +94,16 @@ def test_describe_says_where_sdw_moves_the_weight_in_value_terms():
         q=q,
         log_density=log_density,
     )
+
+
+def test_describe_says_where_sdw_moves_the_weight_in_value_terms():
+    """Rare states that are low-value (log p and Q correlated) pull SDW's weight below the median Q."""
+
+    n = 2000
+    g = torch.Generator().manual_seed(0)
+    q = torch.rand(n, generator=g) * 100 + 1
+    log_density = q / 10 + 0.1 * torch.randn(n, generator=g)  # the rare states are the low-Q ones
+    t = hopper_targets(q, log_density, obs=torch.randn(n, 11, generator=g))
     dens = DensityConfig(alpha=1.0, clip=10.0)
     av, sdw = t.describe("avpbc", 0.02, dens), t.describe("sdw", 0.02, dens)
     assert av["weight_stats"]["low_q_share"] < 0.5 < sdw["weight_stats"]["low_q_share"]
@@ -107,24 +114,11 @@ def test_describe_says_where_sdw_moves_the_weight_in_value_terms():
 def test_q_reference_rescales_beta_to_the_teachers_median_q():
     """With q_reference the Q weights' factor is beta * q_reference / median Q: the teacher's median state
     weighs what it would with a teacher whose median Q is q_reference."""
-    from obd.data import get_task
     from obd.engine import q_weight_factor
     from obd.errors import ObdError
-    from obd.targets import Targets
 
-    n = 1001
-    q = torch.linspace(0, 400, n)  # median 200
-    t = Targets(
-        task=get_task("hopper-medium"),
-        data_hash="x",
-        obs=torch.zeros(n, 11),
-        actions=torch.zeros(n, 3),
-        mean=torch.zeros(11),
-        std=torch.ones(11),
-        behaviour_score=0.0,
-        teacher_actions=torch.zeros(n, 3),
-        q=q,
-    )
+    t = hopper_targets(torch.linspace(0, 400, 1001))  # median Q 200
+    q = t.q
     assert t.beta(0.02, None) == 0.02 and t.beta(0.02, 500.0) == pytest.approx(0.05)
     cfg = merge(RunConfig(), {"distill": {"method": "avpbc", "q_reference": 500.0}})
     assert q_weight_factor(t, cfg) == pytest.approx(0.05)
