@@ -82,6 +82,7 @@ def config_difference(a: dict, b: dict, where: str = "") -> str | None:
 
 
 IGNORED_IN_COMPARISON = (
+    "budget",  # the preset's name: two presets resolving to the same config ask for the same run
     "out",
     "wandb",
     "wandb_group",

@@ -38,9 +38,9 @@ from obd.curves import (
 from obd.errors import ConfigError, ObdError, cli
 from obd.runs import comparable
 
-# beyond what the run store ignores (obd.runs.comparable): the run's name for its recipe, its length and
-# its evaluation and checkpoint schedule, which say how long and how it was watched, not what it computed
-BOOKKEEPING = ("budget", "outer_steps", "eval_every", "checkpoint_every", "grad_fn")
+# beyond what the run store ignores (obd.runs.comparable): the run's length, its evaluation and checkpoint
+# schedule and its gradient path, which say how long and how it was watched, not what it computed
+BOOKKEEPING = ("outer_steps", "eval_every", "checkpoint_every", "grad_fn")
 
 
 def flat_config(cfg: dict) -> dict[str, object]:

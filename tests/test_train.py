@@ -302,6 +302,24 @@ def test_budget_is_recorded_by_the_one_builder():
     assert cfg.budget == "quick" and cfg.outer_steps == 300 and cfg.distill.outer_optimizer == "adam"
 
 
+def test_a_finished_run_stands_for_any_budget_resolving_to_its_config(tmp_path):
+    """The budget's name is a label: a run finished under one preset is reused by another that resolves to
+    the same config (the curves' runs at a dataset's converged length serve the converged table); a
+    config that differs in what the run computes is refused, naming the field."""
+    import dataclasses
+
+    from obd.errors import ObdError
+    from obd.runs import finished_run
+
+    cfg = tiny_cfg(tmp_path, outer_steps=2, eval_every=2, budget="quick")
+    m = run(cfg, show_progress=False)
+    out = tmp_path / "run"
+    assert finished_run(out, dataclasses.replace(cfg, budget="converged"), m["data_hash"], "")["score"] == m["score"]
+    other = merge(cfg, {"budget": "converged", "distill": {"outer_lr": 0.02}})
+    with pytest.raises(ObdError, match="distill.outer_lr: 0.1 then, 0.02 now"):
+        finished_run(out, other, m["data_hash"], "")
+
+
 def test_unwritable_out_fails_before_any_work(tmp_path):
     """Issue 13: --out below a regular file (or on /proc) failed only after data and teacher were prepared."""
     (tmp_path / "file").write_text("")
