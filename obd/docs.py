@@ -12,6 +12,8 @@ NAME is a results folder (``results/quick``: the table of ``obd.table``, see
   ``results/curves/comparison.csv`` and ``diversity.json``;
 - ``variants:FOLDER``: recipes of one dataset against a reference, from ``FOLDER/variants.csv``
   (the output of ``python -m obd.variants``);
+- ``readings:FOLDER``: a table of ``obd.table`` (``FOLDER/table.csv``) against the quick table, per
+  dataset: Av-PBC and SDW - Av-PBC, and whether the SDW - Av-PBC reading changed;
 - ``docs:converged``: the ``converged`` budget per dataset (outer steps, teacher steps) and a run's
   distillation CPU minutes at that length, read off ``results/curves/curves.csv``;
 - ``docs:teachers``: every teacher a committed run or ``results/teachers/*.json`` (the output of
@@ -168,17 +170,14 @@ def curves_table(root: Path) -> str:
 
 def curves_comparison_table(root: Path) -> str:
     """SDW - Av-PBC on the plateau per dataset (paired by seed), then the diversity claim's line."""
-    from obd.table import PUBLISHED_AVPBC, PUBLISHED_SDW, ci_cell, reading, teacher_cell
+    from obd.table import PUBLISHED_AVPBC, PUBLISHED_SDW, ci_cell, teacher_cell
 
     folder = root / "results" / "curves"
     if not (folder / "comparison.csv").is_file():
         return "No paired plateau comparison committed yet (`python -m obd.curves`).\n"
     with open(folder / "comparison.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    quick: dict[str, dict] = {}
-    if (root / "results" / "quick" / "table.csv").is_file():
-        with open(root / "results" / "quick" / "table.csv", newline="") as f:
-            quick = {r["task"]: r for r in csv.DictReader(f) if r.get("ci_low") and r.get("ci_high")}
+    quick = _quick_rows(root)
     lines = [
         "| dataset | teacher (+/- s.e.; CORL's TD3+BC) | outer steps | paired seeds | "
         "SDW - Av-PBC on the plateau (95% t CI) | Wilcoxon p | state diversity | published SDW - Av-PBC | "
@@ -191,13 +190,7 @@ def curves_comparison_table(root: Path) -> str:
         pub = PUBLISHED_SDW.get(r["task"])
         gap = f"{pub - PUBLISHED_AVPBC[r['task']]:+.1f}" if pub is not None else "-"
         diversity = f"{float(r['state_diversity']):.2f}" if r.get("state_diversity") else "-"
-        q = quick.get(r["task"])
-        before = "-"
-        if q is not None:
-            before = reading(float(q["ci_low"]), float(q["ci_high"]))
-            if r.get("ci_low"):
-                same = before == reading(float(r["ci_low"]), float(r["ci_high"]))
-                before += " (same)" if same else " (changed)"
+        before = _quick_reading(quick.get(r["task"]), r)
         lines.append(
             f"| {r['task']} | {teacher_cell(r)} | {r['outer_steps']} | {r['n_pairs']} | "
             f"{float(r['sdw_minus_avpbc']):+.1f}{ci} | {p} | {diversity} | {gap} | {before} |"
@@ -211,6 +204,61 @@ def curves_comparison_table(root: Path) -> str:
             f"{c['p']:.3f}; SDW's claim predicts a negative rho.\n"
         )
     return text
+
+
+def _quick_rows(root: Path) -> dict[str, dict]:
+    """The quick table's rows with a paired SDW - Av-PBC interval, by task."""
+    path = root / "results" / "quick" / "table.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {r["task"]: r for r in csv.DictReader(f) if r.get("ci_low") and r.get("ci_high")}
+
+
+def _quick_reading(quick: dict | None, now: dict) -> str:
+    """The quick table's SDW - Av-PBC reading, and whether ``now``'s interval (if any) reads the same."""
+    from obd.table import reading
+
+    if quick is None:
+        return "-"
+    before = reading(float(quick["ci_low"]), float(quick["ci_high"]))
+    if now.get("ci_low") not in (None, "") and now.get("ci_high") not in (None, ""):
+        same = before == reading(float(now["ci_low"]), float(now["ci_high"]))
+        before += " (same)" if same else " (changed)"
+    return before
+
+
+def readings_table(folder: Path, root: Path) -> str:
+    """Per dataset of ``folder``'s table (``obd.table``'s table.csv): its SDW - Av-PBC and Av-PBC against the
+    quick table's (300 outer steps), and whether the SDW - Av-PBC reading changed."""
+    from obd.config import build_config
+    from obd.table import ci_cell
+
+    path = folder / "table.csv"
+    if not path.is_file():
+        return f"No table in {folder.relative_to(root)} yet (`python -m obd.table`).\n"
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    quick = _quick_rows(root)
+    lines = [
+        "| dataset | outer steps | seeds | Av-PBC here (quick) | SDW - Av-PBC here (95% t CI) | "
+        "the quick table's reading (300 steps) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        steps = build_config(r["budget"], [{"data": {"source": r["task"]}}]).outer_steps
+        q = quick.get(r["task"])
+        av = f"{float(r['avpbc_mean']):.1f}" if r.get("avpbc_mean") else "-"
+        if q is not None and q.get("avpbc_mean"):
+            av += f" ({float(q['avpbc_mean']):.1f})"
+        diff = "-"
+        if r.get("sdw_minus_avpbc"):
+            diff = f"{float(r['sdw_minus_avpbc']):+.1f}"
+            if r.get("ci_low") and r.get("ci_high"):
+                diff += ci_cell(float(r["ci_low"]), float(r["ci_high"]))
+        seeds = r.get("n_pairs") or r.get("avpbc_n") or "-"
+        lines.append(f"| {r['task']} | {steps} | {seeds} | {av} | {diff} | {_quick_reading(q, r)} |")
+    return "\n".join(lines) + "\n"
 
 
 def converged_table(root: Path) -> str:
@@ -329,6 +377,8 @@ def block(name: str, page: Path, root: Path = ROOT) -> str:
         return TABLES[name](root)
     if name.startswith("variants:"):
         return variants_table(root / name.split(":", 1)[1])
+    if name.startswith("readings:"):
+        return readings_table(root / name.split(":", 1)[1], root)
     from obd.table import readme_block
 
     return readme_block(Path(name), page.parent)

@@ -308,3 +308,28 @@ def test_the_table_tests_sdws_claim_by_a_rank_correlation_with_state_diversity(t
     assert (tmp_path / "diversity.png").stat().st_size > 1000
     assert "Spearman rho -1.00" in (tmp_path / "table.md").read_text()
     assert diversity_claim(rows[:3]) is None
+
+
+def test_a_tables_readings_against_the_quick_table_say_which_verdict_changed(tmp_path):
+    from obd.config import build_config
+    from obd.docs import readings_table
+
+    head = "task,budget,avpbc_mean,avpbc_n,sdw_minus_avpbc,ci_low,ci_high,n_pairs\n"
+    (tmp_path / "results" / "quick").mkdir(parents=True)
+    (tmp_path / "results" / "quick" / "table.csv").write_text(
+        head + "halfcheetah-medium-replay,quick,33.1,5,-26.7,-31.6,-21.8,5\nhopper-medium,quick,34.0,5,0.1,-5.4,5.5,5\n"
+    )
+    (tmp_path / "results" / "converged").mkdir()
+    (tmp_path / "results" / "converged" / "table.csv").write_text(
+        head + "halfcheetah-medium-replay,converged,11.2,5,-1.0,-3.0,1.0,5\n"
+        "hopper-medium,converged,42.0,5,-1.2,-7.3,5.0,5\nwalker2d-medium,converged,27.3,2,,,,\n"
+    )
+    lines = readings_table(tmp_path / "results" / "converged", tmp_path).splitlines()
+    steps = build_config("converged", [{"data": {"source": "hopper-medium"}}]).outer_steps
+    hcmr = next(x for x in lines if x.startswith("| halfcheetah-medium-replay |"))
+    assert "| 11.2 (33.1) | -1.0 [-3.0, +1.0], no evidence | SDW behind (changed) |" in hcmr
+    assert next(x for x in lines if x.startswith("| hopper-medium |")).startswith(f"| hopper-medium | {steps} | 5 |")
+    assert next(x for x in lines if x.startswith("| hopper-medium |")).endswith("| no evidence (same) |")
+    walker = next(x for x in lines if x.startswith("| walker2d-medium |"))
+    assert walker.endswith("| 27.3 | - | - |")  # no pair, no quick row
+    assert "No table" in readings_table(tmp_path / "results" / "none", tmp_path)
