@@ -1,7 +1,7 @@
 """CUDA-graph capture of a whole outer iteration (forward sweep, BPTT, weights), replayed per step.
 
 One outer iteration at the published sizes is ~8,000 small kernels; launched one by one from Python
-they cost more than the arithmetic (issue 11: 146 ms eager vs 34 ms captured on an H100). A
+they cost more than the arithmetic (146 ms eager vs 34 ms captured on an H100). A
 :class:`Graphed` function is captured once per input signature and afterwards replayed: the inputs
 are copied into the graph's static tensors, the graph runs, and clones of its outputs are returned,
 so a replay computes exactly what the eager call computes on the same device.

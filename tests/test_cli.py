@@ -34,8 +34,8 @@ def test_sweep_help_names_the_default_study():
 
 
 def test_report_reads_the_runs_artifacts_and_never_recomputes(tmp_path, monkeypatch):
-    """Bug (issue 9): the report reloaded the data, recomputed normalization (population std) and the
-    density with default settings. It must use the normalization and log-density the runs used."""
+    """The report uses the normalization and log-density the runs used (their files), never the data
+    reloaded and the density recomputed with default settings."""
     import json
 
     import obd.density
@@ -72,7 +72,7 @@ def test_report_reads_the_runs_artifacts_and_never_recomputes(tmp_path, monkeypa
     monkeypatch.setattr(obd.density, "log_density", refuse)
     fig = plot_projection(tmp_path / "sweep", ["sdw", "avpbc"], tmp_path / "p.png")
     assert fig is not None and (tmp_path / "p.png").stat().st_size > 1000
-    # issue 13: every method visible in its own panel (SDW's points were hidden under Av-PBC's)
+    # every method in its own panel, so no method's points hide another's
     assert [ax.get_title() for ax in fig.axes[:2]] == ["sdw", "avpbc"] and "synthetic sets" in fig.get_suptitle()
 
 
@@ -100,7 +100,7 @@ def test_learning_curves_have_title_axes_and_an_error_bar_per_method(tmp_path):
 
 @pytest.mark.slow
 def test_non_editable_install_finds_the_default_study(tmp_path):
-    """Issue 9: a non-editable install, run from another directory, finds the packaged study."""
+    """A non-editable install, run from another directory, finds the packaged study."""
     root = Path(__file__).resolve().parent.parent
     site = tmp_path / "site"
     r = subprocess.run(

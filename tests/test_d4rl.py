@@ -106,7 +106,7 @@ def test_d4rl_url_and_cached_fetch(tmp_path, hopper_transitions, monkeypatch):
 
 
 def test_task_read_from_d4rl_file_name_and_contradictions_refused(tmp_path, hopper_transitions):
-    """Issue 13: a D4RL file name names its task; a --task whose env contradicts the file is refused."""
+    """A D4RL file name names its task; a --task whose env contradicts the file is refused."""
     from obd.data import resolve_task
 
     tr = hopper_transitions

@@ -47,7 +47,7 @@ def test_knn_excludes_self():
 
 
 def test_untruncated_kde_sits_behind_the_same_interface():
-    """Issue 10: the k-NN truncation can be ablated. With k = all other points the truncated estimate is
+    """The k-NN truncation can be ablated. With k = all other points the truncated estimate is
     the full kernel sum, and both rank a rare cluster's states as less dense."""
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, (300, 3)), rng.normal(8, 3.0, (10, 3))]).astype(np.float32)

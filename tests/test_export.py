@@ -27,7 +27,7 @@ TINY = {
 
 
 def test_exported_sets_load_back_and_reevaluate_to_the_runs_score(tmp_path, capsys):
-    """Issue 13: a distilled set as D4RL hdf5 and as a Minari dataset, readable by obd's loaders and
+    """A distilled set as D4RL hdf5 and as a Minari dataset, readable by obd's loaders and
     re-evaluating to the run's own (final-evaluation) score."""
     from obd.data.__main__ import main as data_main
     from obd.evaluate import main as evaluate_main

@@ -178,7 +178,7 @@ def test_missing_expert_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_expert_added_later_keeps_the_shipped_medium(tmp_path):
-    """Issue 12: the expert is exported when training finishes, without changing the medium policy (and
+    """The expert is exported when training finishes, without changing the medium policy (and
     so the medium datasets) exported earlier from the same run; another run's file is refused."""
     task, w = get_task("hopper-medium"), tmp_path / "sac"
     train_sac(task, SACConfig(total_steps=300, **TINY), w, show_progress=False)
@@ -252,14 +252,14 @@ def test_cli_errors_are_one_line():
 
 
 def test_reading_never_generates(tmp_path):
-    """Bug (issue 9): load_source generated a missing dataset as a side effect of reading it."""
+    """Reading a dataset that is not generated yet is a one-line error naming the command; nothing is generated."""
     with pytest.raises(DatasetError, match="not generated yet.*python -m obd.data collect hopper-random"):
         load_source("hopper-random", size=100)
     assert not (tmp_path / "data" / "datasets").exists()
 
 
 def test_behavior_export_error_is_one_line(tmp_path):
-    """Bug (issue 9): export-policy on a directory without a SAC run ended in a traceback."""
+    """export-policy on a directory without a SAC run is a one-line error, no traceback."""
     r = subprocess.run(
         [sys.executable, "-m", "obd.behavior", "export", "hopper", "--workdir", str(tmp_path / "none")],
         capture_output=True,
@@ -277,7 +277,7 @@ SHIPPED = {
 
 @pytest.mark.parametrize("env", sorted(SHIPPED))
 def test_shipped_policy_makes_expert_data(env):
-    """Issue 12: a fresh clone generates ENV-expert from the shipped policy file; its medium is the
+    """A fresh clone generates ENV-expert from the shipped policy file; its medium is the
     snapshot the medium datasets were made from and its expert the one the README reports."""
     from obd.data.behaviour_policies import policy_file
 

@@ -28,7 +28,7 @@ def test_no_training_state_logs_or_large_files_tracked():
 
 @pytest.mark.slow
 def test_wheel_ships_the_studies_and_budgets(tmp_path):
-    """Bug (issue 9): the default study was found via __file__/../sweeps, absent from a non-editable install."""
+    """A non-editable install carries the studies and budgets (sweeps/ inside the package)."""
     r = subprocess.run(
         [
             sys.executable,

@@ -1,4 +1,4 @@
-"""The nine-dataset table and the misalignment study, end to end at a smoke budget (issue 12)."""
+"""The nine-dataset table and the misalignment study, end to end at a smoke budget."""
 
 import csv
 import json
@@ -62,7 +62,7 @@ def test_table_runs_every_cell_once_and_rebuilds(tmp_path, capsys):
     mtimes = [p.stat().st_mtime for p in metrics]
     assert main(args) == 0  # resumable: nothing recomputed
     assert [p.stat().st_mtime for p in metrics] == mtimes
-    # the README's results block is filled from the results files (issue 12)
+    # the README's results block is filled from the results files
     readme = tmp_path / "README.md"
     out = (tmp_path / "res").relative_to(tmp_path)
     readme.write_text(f"intro\n<!-- BEGIN generated: {out} -->\nold\n<!-- END generated: {out} -->\nrest\n")

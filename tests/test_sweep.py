@@ -101,7 +101,7 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     c = summary["comparisons"]["sdw - avpbc"]
     assert c["n_pairs"] == 2 and c["paired_t_ci"][0] <= c["mean_difference"] <= c["paired_t_ci"][1]
     assert "only 2 paired seeds" in c["verdict"]
-    # the console is ours, not W&B's (issue 13: ~214 of 235 lines were W&B's own output)
+    # the console is ours, not W&B's
     assert len([ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("wandb:")]) <= 2
     # the study is a standard Optuna RDB: the optuna CLI (and optuna-dashboard) read it
     ls = subprocess.run(
@@ -229,7 +229,7 @@ def test_study_files_are_checked_against_the_config(tmp_path):
         load_study(write_study(tmp_path, budget="huge"), "hopper-random")
     with pytest.raises(ConfigError, match="unknown method.*xyz"):
         load_study(write_study(tmp_path, methods=["sdw", "xyz"]), "hopper-random")
-    # bug (issue 9): a typo in a search key became failed trials, swallowed and retried
+    # a typo in a search key is refused before any trial, not turned into failed trials
     with pytest.raises(ConfigError, match="unknown config key 'distill.inner_lrr'"):
         load_study(
             write_study(tmp_path, search={"distill.inner_lrr": {"type": "float", "low": 0.1, "high": 1}}),
@@ -245,7 +245,7 @@ def test_study_files_are_checked_against_the_config(tmp_path):
 
 
 def test_search_never_changes_the_evaluation_learner():
-    """Issue 10: a trial that searches distill.inner_lr/inner_steps is still scored by the published learner."""
+    """a trial that searches distill.inner_lr/inner_steps is still scored by the published learner."""
     from obd.config import EvalConfig
     from obd.sweep import run_config
 
@@ -302,7 +302,7 @@ def test_two_workers_share_a_postgresql_study(tmp_path, postgres):
 
 
 def test_finals_can_vary_data_and_teacher_seed_per_seed(tmp_path):
-    """Issue 10: a claim need not rest on one dataset and one teacher."""
+    """The finals may draw a fresh dataset and teacher per seed, so a claim need not rest on one of each."""
     from obd.sweep import Sweep
 
     spec = load_study(write_study(tmp_path, vary_data_per_seed=True), "hopper-random")
@@ -318,7 +318,7 @@ def test_finals_can_vary_data_and_teacher_seed_per_seed(tmp_path):
 
 @pytest.mark.slow
 def test_batched_sweep_asks_trials_in_batches_and_takes_up_orphaned_ones(tmp_path, monkeypatch):
-    """Issue 11: ask-and-tell, batch_trials trials advanced together; a trial the pruner stops is
+    """Ask-and-tell, batch_trials trials advanced together; a trial the pruner stops is
     dropped from its batch and told pruned; a trial a stopped process left running is resumed."""
     import time
 

@@ -59,7 +59,7 @@ def test_sdw_alpha_zero_equals_avpbc(tmp_path):
 
 
 def test_density_estimate_is_cached_once_for_every_alpha_and_clip(tmp_path):
-    """Issue 10: log p(s) is keyed by the estimator only; alpha and the cap apply on load."""
+    """log p(s) is keyed by the estimator only; alpha and the cap apply on load."""
     cfg = tiny_cfg(tmp_path)
     t = prepare_targets(cfg, "sdw", show_progress=False)
     cache = tmp_path / "data" / "cache" / t.data_hash
@@ -236,8 +236,7 @@ def test_bf16_products_on_a_cpu_without_native_bf16_are_warned_about(tmp_path, m
 
 @pytest.mark.slow
 def test_resume_gives_the_uninterrupted_result(tmp_path):
-    """Bug (issue 9): resume read global_step by loading the whole checkpoint with weights_only=False and
-    pushed it into the data module; now the batch of step t depends on (seed, t) only."""
+    """A resumed run equals the uninterrupted one: the batch of step t depends on (seed, t) only."""
     straight = run(tiny_cfg(tmp_path / "a", outer_steps=4), show_progress=False)
     run(tiny_cfg(tmp_path / "b", outer_steps=2), show_progress=False)
     resumed = run(tiny_cfg(tmp_path / "b", outer_steps=4), resume=True, show_progress=False)
@@ -254,7 +253,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
 
 
 def test_random_baseline_evaluates_random_real_pairs(tmp_path):
-    """Bug (issue 9): the random-baseline test checked shapes only."""
+    """The random baseline scores the random real pairs it draws: the same pairs evaluated directly give its score."""
     from obd.evaluate import evaluate_synthetic
     from obd.seeding import derive_seed
 
@@ -286,7 +285,7 @@ def test_cli_errors(tmp_path):
 
 
 def test_config_file_keeps_eval_settings(tmp_path):
-    """Bug (issue 9): eval.inner_steps from --config was overwritten by distill.inner_steps."""
+    """eval settings from --config survive (eval.inner_steps is not replaced by distill.inner_steps)."""
     from obd.train import config_from_args, parser
 
     f = tmp_path / "c.yaml"
@@ -296,7 +295,7 @@ def test_config_file_keeps_eval_settings(tmp_path):
 
 
 def test_budget_is_recorded_by_the_one_builder():
-    """Bug (issue 9): the CLI's default budget (quick) disagreed with TrainConfig's (paper)."""
+    """One builder applies and records the budget; a bare config claims none."""
     assert RunConfig().budget is None  # a bare config claims no budget
     cfg = build_config("quick", [{"data": {"source": "hopper-medium"}}])
     assert cfg.budget == "quick" and cfg.outer_steps == 300 and cfg.distill.outer_optimizer == "adam"
@@ -321,7 +320,7 @@ def test_a_finished_run_stands_for_any_budget_resolving_to_its_config(tmp_path):
 
 
 def test_unwritable_out_fails_before_any_work(tmp_path):
-    """Issue 13: --out below a regular file (or on /proc) failed only after data and teacher were prepared."""
+    """An --out that cannot be written (below a regular file, on /proc) fails before data and teacher are prepared."""
     (tmp_path / "file").write_text("")
     for out in (str(tmp_path / "file" / "run"), "/proc/obd-run"):
         r = run_train(
@@ -333,7 +332,7 @@ def test_unwritable_out_fails_before_any_work(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_keeps_the_state_and_names_the_resume_command(tmp_path):
-    """Issue 13: Ctrl-C during distillation exited 1 with no message; now it checkpoints and says how to go on."""
+    """Ctrl-C during distillation checkpoints the run and names the command that resumes it."""
     import signal
     import time
 
