@@ -208,6 +208,12 @@ def build_table(
                 n_pairs=c["n_pairs"],
                 verdict=c["verdict"],
             )
+        cpu = [c for c in (run_cpu_seconds(r) for r in mine) if c is not None]
+        row["cpu_hours"] = round(sum(cpu) / 3600, 2) if cpu else None
+        row["runs"], row["runs_with_cpu"] = len(mine), len(cpu)
+        row["machines"] = "; ".join(sorted({(r.get("versions") or {}).get("machine") or "not recorded" for r in mine}))
+        trained = (teacher or {}).get("train_seconds")
+        row["teacher_train_hours"] = round(trained / 3600, 2) if trained else None
         row["scored_evaluations_per_run"] = round(
             float(
                 np.mean([r["last_k_used"] for (t, mm, _), r in results.items() if t == task and mm in DISTILL_METHODS])
@@ -230,6 +236,32 @@ def build_table(
     if claim is not None:
         plot_diversity(rows, claim, out / "diversity.png")
     return rows
+
+
+def run_cpu_seconds(metrics: dict) -> float | None:
+    """A run's process CPU seconds, distillation and evaluations (its last evaluation included); None for
+    a run recorded before CPU time was logged."""
+    last = (metrics.get("history") or [{}])[-1]
+    if "cpu_seconds" not in last:
+        return None
+    return float(last["cpu_seconds"]) + float(last.get("eval_cpu_seconds", 0.0))
+
+
+def compute_line(rows: list[dict]) -> str | None:
+    """The table's total compute: CPU hours of its runs, the teachers' training time and the machines."""
+    timed = [r for r in rows if r.get("cpu_hours") not in (None, "")]
+    if not timed:
+        return None
+    runs = sum(int(r["runs"]) for r in rows)
+    with_cpu = sum(int(r["runs_with_cpu"]) for r in rows)
+    hours = sum(float(r["cpu_hours"]) for r in timed)
+    teachers = [float(r["teacher_train_hours"]) for r in rows if r.get("teacher_train_hours") not in (None, "")]
+    machines = sorted({m for r in rows for m in str(r.get("machines") or "").split("; ") if m})
+    line = f"Compute: {hours:.1f} CPU hours in {with_cpu} of the {runs} runs (distillation and evaluations"
+    line += ", their own process time)" if with_cpu == runs else f"; {runs - with_cpu} runs recorded none)"
+    if teachers:
+        line += f"; teacher training {sum(teachers):.1f} hours (wall, {len(teachers)} teacher(s))"
+    return line + f"; machines: {', '.join(machines)}."
 
 
 def diversity_claim(rows: list[dict]) -> dict | None:
@@ -363,6 +395,9 @@ def markdown(rows: list[dict], methods: list[str], claim: dict | None = None) ->
             "A run's score averages its last K evaluations (K = 5) that lie in its final 20% of outer steps; "
             f"evaluations per run that entered it: {', '.join(f'{x:g}' for x in scored)}. Baselines: one evaluation.",
         ]
+    compute = compute_line(rows)
+    if compute:
+        lines += ["", compute]
     if claim is not None:
         lines += [
             "",

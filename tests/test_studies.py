@@ -57,6 +57,13 @@ def test_table_runs_every_cell_once_and_rebuilds(tmp_path, capsys):
     assert (tmp_path / "res" / "table.png").stat().st_size > 1000
     md = (tmp_path / "res" / "table.md").read_text()
     assert "hopper-random" in md and "published Av-PBC" in md
+    # the table's total compute: every run's own CPU time, the teacher's training, the machine named
+    from obd.tracking import machine
+
+    last = [json.loads(p.read_text())["history"][-1] for p in (tmp_path / "res" / "runs").glob("*/*/metrics.json")]
+    hours = sum(h["cpu_seconds"] + h["eval_cpu_seconds"] for h in last) / 3600
+    assert float(rows[0]["cpu_hours"]) == pytest.approx(hours, abs=0.006) and rows[0]["runs_with_cpu"] == "6"
+    assert "in 6 of the 6 runs" in md and "(wall, 1 teacher(s))" in md and f"machines: {machine()}." in md
     metrics = sorted((tmp_path / "res" / "runs").glob("*/*/metrics.json"))
     assert len(metrics) == 6
     mtimes = [p.stat().st_mtime for p in metrics]
