@@ -164,7 +164,9 @@ def machine() -> str:
             model = ln.split(":", 1)[1].strip()
         elif ln.startswith("flags") and not flags:
             flags = set(ln.split(":", 1)[1].split())
-    units = [name for flag, name in (("amx_bf16", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags]
-    units = units[:2] if "AMX" in units else units[:1]
+    vector = next(
+        (n for f, n in (("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2")) if f in flags), None
+    )
+    units = (["AMX"] if "amx_bf16" in flags else []) + ([vector] if vector else [])
     tag = f" ({', '.join(units)})" if units else ""
     return f"{model}{tag}, {os.cpu_count()} CPUs"
