@@ -40,6 +40,7 @@ SyntheticStart = Literal["real-pairs", "teacher-labelled", "kmeans"]
 OuterLrSchedule = Literal["constant", "cosine"]  # cosine: lr decays to 0 at the last outer step
 InnerPrecision = Literal["float32", "bfloat16"]
 OuterOptimizer = Literal["sgd", "adam"]
+QNegative = Literal["keep", "zero"]  # keep: beta * Q as published; zero: negative Q weighs 0
 InnerOptimizer = Literal["sgd", "adam"]
 GradFn = Literal["fast", "unrolled"]
 # official: orthogonal with gain sqrt(2) on every layer, head included, zero biases (the OBD code's
@@ -132,6 +133,9 @@ class DistillConfig:
     test_batches: int = field(default=10, metadata=_rng(1))  # outer loss over test_batches x batch_size states
     batch_size: int = field(default=256, metadata=_rng(1))  # real states per outer batch
     beta: float = field(default=0.02, metadata=_rng(gt=0))  # Av-PBC weight = beta * Q(s, pi*(s))
+    # keep (published): a state whose Q is negative gets a negative weight, so the outer loss pushes the
+    # policy away from pi*(s) there; zero: those states weigh 0 (the short budgets)
+    q_negative: QNegative = "keep"
     # None: beta as given (published). Else beta * q_reference / (the teacher's median Q over the data): the
     # weights get the scale beta was set for with another teacher (the authors' Cal-QL on halfcheetah-medium:
     # a median Q of about 491); under SGD the outer step scales with it, under Adam nothing changes.

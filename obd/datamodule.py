@@ -82,10 +82,11 @@ class OBDDataModule(pl.LightningDataModule):
         batch_size: int = 256,
         test_batches: int = 10,
         seed: int = 0,
+        q_negative: str = "keep",
     ) -> StepBatches:
-        key = (method, beta, repr(density))
+        key = (method, beta, repr(density), q_negative)
         if key not in self._columns:
-            target, weight = self.targets.targets_and_weights(method, beta, density)
+            target, weight = self.targets.targets_and_weights(method, beta, density, q_negative)
             self._columns[key] = (target.to(self.device), weight.to(self.device))
         self.runs.append(StepBatches((self.obs, *self._columns[key]), batch_size * test_batches, seed))
         return self.runs[-1]

@@ -159,7 +159,8 @@ class Run:
         self.stopped: Exception | None = None
         self.last: dict[str, float] = {}
         if self.distils:
-            dm.add_run(method, q_weight_factor(dm.targets, cfg), cfg.density, d.batch_size, d.test_batches, d.seed)
+            beta = q_weight_factor(dm.targets, cfg)
+            dm.add_run(method, beta, cfg.density, d.batch_size, d.test_batches, d.seed, d.q_negative)
             self.opt, self.schedule = outer_optimizer([self.S, self.A], d, cfg.outer_steps)
             if resume:
                 self.load()
@@ -294,7 +295,7 @@ class Run:
             "history": self.history,
             "set_change": set_change(states, actions, *self.start),
             "wall_seconds": self.wall_seconds(t0),
-            **t.describe(c.distill.method, q_weight_factor(t, c), c.density),
+            **t.describe(c.distill.method, q_weight_factor(t, c), c.density, c.distill.q_negative),
             "versions": versions(),
             "config": to_dict(c),
         }

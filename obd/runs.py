@@ -101,6 +101,8 @@ def comparable(cfg: dict) -> dict:
 def comparable_run(cfg: dict) -> dict:
     """What a run's result depends on: its full config, a stored one completed with today's defaults
     for fields added since (it ran with their default), without execution details."""
+    if "q_negative" not in cfg.get("distill", {}):  # stored before the option: negative Q weighed 0 then
+        cfg = {**cfg, "distill": {**cfg.get("distill", {}), "q_negative": "zero"}}
     full = to_dict(merge(RunConfig(), cfg))
     full["distill"].pop("cuda_graph", None)  # graph replay computes what eager execution does
     full["teacher"].pop("eval_episodes", None)  # how the teacher is scored, not what the run computes

@@ -110,13 +110,13 @@ class Targets:
     state_diversity: float | None = None  # mean distance to the 10th nearest state (normalized), a sample
 
     def targets_and_weights(
-        self, method: str, beta: float, density: DensityConfig
+        self, method: str, beta: float, density: DensityConfig, q_negative: str = "keep"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-state outer-loss target (N, act_dim) and weight (N,) of ``method``:
 
         dbc   dataset action, 1
         pbc   pi*(s),          1
-        avpbc pi*(s),          beta * Q(s, pi*(s))   (negative values clamped at 0)
+        avpbc pi*(s),          beta * Q(s, pi*(s))   (with ``q_negative`` "zero", negative values weigh 0)
         sdw   pi*(s),          beta * Q(s, pi*(s)) * p(s)^-alpha / mean (capped at clip x mean)
         """
         n = len(self.obs)
@@ -127,7 +127,8 @@ class Targets:
         if method == "pbc":
             return self.teacher_actions, torch.ones(n)
         q_w = beta * self.q
-        q_w = q_w.clamp_min(0)  # negative Q would reverse the imitation; metrics.json records how many (q_stats)
+        if q_negative == "zero":  # metrics.json records how many states that is (q_stats.negative_fraction)
+            q_w = q_w.clamp_min(0)
         if method == "avpbc":
             return self.teacher_actions, q_w
         return self.teacher_actions, q_w * self.density_weights(density)
@@ -155,7 +156,7 @@ class Targets:
             raise RuntimeError("SDW needs the log-density; prepare targets for method sdw")
         return torch.from_numpy(weights_from_log_density(self.log_density.numpy(), density.alpha, density.clip))
 
-    def describe(self, method: str, beta: float, density: DensityConfig) -> dict:
+    def describe(self, method: str, beta: float, density: DensityConfig, q_negative: str = "keep") -> dict:
         """What a run logs about its data and targets: sizes, teacher, Q and weight statistics."""
         from obd.density import weight_stats
 
@@ -176,12 +177,12 @@ class Targets:
                 "std": float(q.std()),
                 "min": float(q.min()),
                 "max": float(q.max()),
-                "negative_fraction": float((q < 0).double().mean()),  # clamped to weight 0 in Av-PBC / SDW
+                "negative_fraction": float((q < 0).double().mean()),  # negative weights unless q_negative zero
             }
         if method in ("avpbc", "sdw"):
             out["beta"] = beta  # the Q weights' factor used (distill.beta, rescaled when q_reference is set)
         if method not in BASELINE_START:
-            _, w = self.targets_and_weights(method, beta, density)
+            _, w = self.targets_and_weights(method, beta, density, q_negative)
             out["weight_stats"] = weight_stats(w)
             if self.q is not None and method in ("avpbc", "sdw"):
                 # Where the weight goes in value terms: 0.5 would be value-neutral.
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_config(a.budget, [{"data": {"source": a.source}}, config_layer(a)])  # an unknown budget: one line
     t = prepare_targets(cfg, a.method)
     beta = t.beta(cfg.distill.beta, cfg.distill.q_reference) if a.method in ("avpbc", "sdw") else cfg.distill.beta
-    print(json.dumps(t.describe(a.method, beta, cfg.density), indent=1, default=str))
+    print(json.dumps(t.describe(a.method, beta, cfg.density, cfg.distill.q_negative), indent=1, default=str))
     return 0
 
 

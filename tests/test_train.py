@@ -131,6 +131,32 @@ def test_q_reference_rescales_beta_to_the_teachers_median_q():
         t.beta(0.02, 500.0)
 
 
+def test_negative_q_weighs_negative_as_published_or_zero_when_asked():
+    """Av-PBC's weight is beta * Q, negative where Q is (the official code); q_negative "zero" (the short
+    budgets) gives those states weight 0. SDW multiplies the same Q weights by its density weights."""
+    q = torch.tensor([-50.0, 0.0, 100.0, 200.0])
+    t = hopper_targets(q, log_density=torch.zeros(4), obs=torch.zeros(4, 11))
+    _, keep = t.targets_and_weights("avpbc", 0.02, DensityConfig())
+    _, zero = t.targets_and_weights("avpbc", 0.02, DensityConfig(), "zero")
+    assert keep.tolist() == pytest.approx([-1.0, 0.0, 2.0, 4.0]) and zero.tolist() == pytest.approx(
+        [0.0, 0.0, 2.0, 4.0]
+    )
+    _, sdw = t.targets_and_weights("sdw", 0.02, DensityConfig(alpha=1.0, clip=10.0))
+    assert sdw.tolist() == pytest.approx(keep.tolist())  # equal densities: density weights 1
+    described = [t.describe("avpbc", 0.02, DensityConfig(), how)["weight_stats"] for how in ("keep", "zero")]
+    assert described[0]["max_over_mean"] == pytest.approx(4 / 1.25) and described[1]["max_over_mean"] == 4 / 1.5
+    assert build_config("quick").distill.q_negative == "zero" and build_config("paper").distill.q_negative == "keep"
+
+
+def test_a_run_stored_before_q_negative_existed_counts_as_zero():
+    """Runs recorded before the option weighed negative Q as 0: the store reads their config so."""
+    from obd.runs import comparable_run
+
+    old = {"distill": {"method": "avpbc"}}
+    assert comparable_run(old)["distill"]["q_negative"] == "zero"
+    assert comparable_run({"distill": {"method": "avpbc", "q_negative": "keep"}})["distill"]["q_negative"] == "keep"
+
+
 def test_targets_command_prints_the_description(tmp_path, monkeypatch, capsys):
     from obd.errors import ConfigError
     from obd.targets import main
