@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from obd.config import DensityConfig
+from obd.config import DensityConfig, QNegative
 from obd.seeding import derive_seed
 from obd.targets import Targets
 
@@ -82,7 +82,7 @@ class OBDDataModule(pl.LightningDataModule):
         batch_size: int = 256,
         test_batches: int = 10,
         seed: int = 0,
-        q_negative: str = "keep",
+        q_negative: QNegative = "keep",
     ) -> StepBatches:
         key = (method, beta, repr(density), q_negative)
         if key not in self._columns:

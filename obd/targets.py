@@ -31,7 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from obd.config import BASELINE_START, DataConfig, DensityConfig, RunConfig, TD3BCConfig, TeacherConfig
+from obd.config import (
+    BASELINE_START,
+    DataConfig,
+    DensityConfig,
+    QNegative,
+    RunConfig,
+    TD3BCConfig,
+    TeacherConfig,
+)
 from obd.data import OfflineDataset, Task, generated_path, load_source, parse_source, resolve_task
 from obd.data.paths import data_dir
 from obd.seeding import derive_seed
@@ -110,7 +118,7 @@ class Targets:
     state_diversity: float | None = None  # mean distance to the 10th nearest state (normalized), a sample
 
     def targets_and_weights(
-        self, method: str, beta: float, density: DensityConfig, q_negative: str = "keep"
+        self, method: str, beta: float, density: DensityConfig, q_negative: QNegative = "keep"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-state outer-loss target (N, act_dim) and weight (N,) of ``method``:
 
@@ -156,7 +164,7 @@ class Targets:
             raise RuntimeError("SDW needs the log-density; prepare targets for method sdw")
         return torch.from_numpy(weights_from_log_density(self.log_density.numpy(), density.alpha, density.clip))
 
-    def describe(self, method: str, beta: float, density: DensityConfig, q_negative: str = "keep") -> dict:
+    def describe(self, method: str, beta: float, density: DensityConfig, q_negative: QNegative = "keep") -> dict:
         """What a run logs about its data and targets: sizes, teacher, Q and weight statistics."""
         from obd.density import weight_stats
 

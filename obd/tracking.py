@@ -153,7 +153,7 @@ def machine() -> str:
     """The CPU model, its widest vector units and the logical CPU count, e.g. "Intel(R) Xeon(R) Processor
     (AMX, AVX-512), 2 CPUs": timings compare only on one kind of machine (bf16 is native on AMX/AVX-512 BF16
     and emulated on AVX2)."""
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags = platform.processor() or platform.machine(), set[str]()
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
