@@ -36,7 +36,7 @@ from obd.curves import (
     seed_plateaus,
 )
 from obd.errors import ConfigError, ObdError, cli
-from obd.runs import comparable
+from obd.runs import comparable_run
 
 # beyond what the run store ignores (obd.runs.comparable): the run's length, its evaluation and checkpoint
 # schedule and its gradient path, which say how long and how it was watched, not what it computed
@@ -44,8 +44,9 @@ BOOKKEEPING = ("outer_steps", "eval_every", "checkpoint_every", "grad_fn")
 
 
 def flat_config(cfg: dict) -> dict[str, object]:
-    """``{"distill": {"beta": 0.02}}`` -> ``{"distill.beta": 0.02}``, bookkeeping and W&B fields left out."""
-    return flatten({k: v for k, v in comparable(cfg).items() if k not in BOOKKEEPING})
+    """``{"distill": {"beta": 0.02}}`` -> ``{"distill.beta": 0.02}``, as the run store reads a stored config
+    (fields added since at the value the run computed with), bookkeeping and W&B fields left out."""
+    return flatten({k: v for k, v in comparable_run(cfg).items() if k not in BOOKKEEPING})
 
 
 def recipe_label(cfg: dict, reference: dict) -> str:
