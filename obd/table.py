@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import os
 import sys
@@ -523,7 +522,6 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     from obd.config import METHODS, check_choices, read_yaml
     from obd.data import get_task
-    from obd.evaluate import rescore
     from obd.tracking import setup_logging
 
     setup_logging()
@@ -547,11 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         if results is None:
             return 0
     elif a.rebuild:
-        results = {}
-        for path in out.glob("runs/*/*/metrics.json"):
-            m = rescore(json.loads(path.read_text()))
-            if m["task"] in tasks and m["method"] in methods and m["seed"] in seeds:
-                results[(m["task"], m["method"], m["seed"])] = m
+        results = _finished_cells(tasks, methods, seeds, a.budget, out, layers)
     else:
         jobs = a.jobs or min(2, os.cpu_count() or 1)
         results = run_all(tasks, methods, seeds, a.budget, out, jobs, layers, batched=a.batched, threads=a.threads)
@@ -562,6 +556,30 @@ def main(argv: list[str] | None = None) -> int:
         update_readme(Path(a.readme), out)
         print(f"updated the results block of {a.readme}")
     return 0
+
+
+def _finished_cells(
+    tasks: list[str], methods: list[str], seeds: list[int], budget: str, out: Path, layers: list[dict]
+) -> dict[tuple[str, str, int], dict]:
+    """The cells whose runs in ``out`` finished at this budget's config (a run of another config is a
+    one-line error, as when the table runs); the others are named as not finished."""
+    from obd.runs import finished_run
+
+    results, missing = {}, []
+    for task in tasks:
+        for method in methods:
+            for seed in seeds:
+                run_dir = out / "runs" / task / f"{method}-s{seed}"
+                if not (run_dir / "metrics.json").is_file():
+                    continue
+                m = finished_run(run_dir, cell_config(task, method, seed, budget, out, layers, 1), None, "move it away")
+                if m is None:
+                    missing.append(f"{task}/{method}/s{seed}")
+                else:
+                    results[(task, method, seed)] = m
+    if missing:
+        print(f"not finished at budget {budget}: {', '.join(missing)}")
+    return results
 
 
 def _on_storage(a: argparse.Namespace, tasks: list[str], methods: list[str], seeds: list[int], out: Path, layers):
