@@ -42,6 +42,7 @@ from obd.config import (
 )
 from obd.data import OfflineDataset, Task, generated_path, load_source, parse_source, resolve_task
 from obd.data.paths import data_dir
+from obd.runs import Claim
 from obd.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -275,35 +276,41 @@ def _teacher_stage(
     else:
         key = "td3bc-" + hash_json(dataclasses.asdict(cfg.td3bc))
         path = cache / f"teacher-{key}.pt"
-        if path.is_file():
-            teacher = load_teacher_file(path)
-            measured = (teacher.info.get("normalized_return") or {}).get("episodes", 0)
-            if cfg.eval_episodes > measured:  # a cached teacher scored on fewer episodes than asked now
+        # one process trains a teacher at a time: others (table workers sharing OBD_DATA_DIR) wait and load it
+        claim = Claim(cache / f"teacher-{key}.claim")
+        claim.take(wait=True)
+        try:
+            if path.is_file():
+                teacher = load_teacher_file(path)
+                measured = (teacher.info.get("normalized_return") or {}).get("episodes", 0)
+                if cfg.eval_episodes > measured:  # a cached teacher scored on fewer episodes than asked now
+                    teacher.info["normalized_return"] = _measure_teacher(teacher, t, cfg.eval_episodes)
+                    teacher.save(path)
+            else:
+                # the training state: resumed after an interrupt, kept once trained, so that a longer teacher of
+                # the same config continues from the longest shorter one instead of starting over
+                partial = cache / f"teacher-{key}.partial.pt"
+                if not partial.is_file():
+                    shorter = _shorter_teacher_state(cache, cfg.td3bc)
+                    if shorter is not None:
+                        log.info("teacher %s: continuing %s to %d steps", key, shorter.name, cfg.td3bc.steps)
+                        shutil.copyfile(shorter, partial)
+                teacher = train_td3bc(
+                    t.obs,
+                    t.actions,
+                    torch.from_numpy(ds.rewards),
+                    (torch.from_numpy(ds.next_observations) - t.mean) / t.std,
+                    torch.from_numpy(ds.terminals),
+                    cfg.td3bc,
+                    show_progress,
+                    checkpoint=partial,
+                    device=device,
+                )
                 teacher.info["normalized_return"] = _measure_teacher(teacher, t, cfg.eval_episodes)
                 teacher.save(path)
-        else:
-            # the training state: resumed after an interrupt, kept once trained, so that a longer teacher of
-            # the same config continues from the longest shorter one instead of starting over
-            partial = cache / f"teacher-{key}.partial.pt"
-            if not partial.is_file():
-                shorter = _shorter_teacher_state(cache, cfg.td3bc)
-                if shorter is not None:
-                    log.info("teacher %s: continuing %s to %d steps", key, shorter.name, cfg.td3bc.steps)
-                    shutil.copyfile(shorter, partial)
-            teacher = train_td3bc(
-                t.obs,
-                t.actions,
-                torch.from_numpy(ds.rewards),
-                (torch.from_numpy(ds.next_observations) - t.mean) / t.std,
-                torch.from_numpy(ds.terminals),
-                cfg.td3bc,
-                show_progress,
-                checkpoint=partial,
-                device=device,
-            )
-            teacher.info["normalized_return"] = _measure_teacher(teacher, t, cfg.eval_episodes)
-            teacher.save(path)
-            partial.replace(_teacher_state_path(cache, cfg.td3bc))
+                partial.replace(_teacher_state_path(cache, cfg.td3bc))
+        finally:
+            claim.release()
         t.artifacts["teacher"] = str(path)
     t.teacher_info = {**teacher.info, "key": key, "corl_td3bc_score": CORL_TD3BC_SCORE.get(t.task.name)}
     log.info(
