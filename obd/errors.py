@@ -9,6 +9,7 @@ its traceback.
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,9 +26,9 @@ def check_writable(folder: Path, flag: str = "--out") -> None:
     """Fail before any work if ``folder`` cannot be created and written (``flag`` names where it came from)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        # a probe of its own: workers sharing ``folder`` check it at the same time
+        with tempfile.TemporaryFile(dir=folder):
+            pass
     except OSError as e:
         raise ObdError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
 

@@ -161,3 +161,14 @@ def test_run_settings_of_train_table_and_curves_come_from_the_config_dataclasses
     from obd.flags import config_layer
 
     assert config_layer(args) == {"distill": {"start": "kmeans", "outer_lr": 0.02}, "threads": 1}
+
+
+def test_workers_checking_one_output_folder_at_once_all_pass(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from obd.errors import check_writable
+
+    out = tmp_path / "shared"
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: check_writable(out), range(2000)))
+    assert out.is_dir() and not list(out.iterdir())
