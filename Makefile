@@ -27,11 +27,12 @@ check: venv
 	$(VENV)/bin/ruff format --check obd tests
 	$(VENV)/bin/mypy
 
+# one test process per core (pytest-xdist): every test has its own directories, servers and ports
 test: venv
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto
 
 test-fast: venv
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" --timeout 120
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto -m "not slow" --timeout 120
 
 data: venv
 	$(PY) -m obd.data collect $(TASK) $(if $(SIZE),--size $(SIZE))
