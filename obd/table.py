@@ -24,9 +24,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from obd.errors import ConfigError, ObdError, cli
 from obd.flags import PER_RUN, add_config_flags, config_layer
+
+if TYPE_CHECKING:
+    from obd.config import RunConfig
 
 log = logging.getLogger("obd.table")
 
@@ -93,7 +97,7 @@ def run_all(
     """Every (task, method, seed) run; finished ones are read back, the rest run ``jobs`` at a time."""
 
     from obd.config import build_config, to_dict
-    from obd.runs import check_same_data, finished_run
+    from obd.runs import check_same_data
     from obd.targets import prepare_dataset, prepare_targets
     from obd.train import run_configs
 
@@ -101,18 +105,8 @@ def run_all(
     import torch
 
     torch.set_num_threads(threads)  # the shared stages (teacher training) run in this process
-    results: dict[tuple[str, str, int], dict] = {}
-    todo: dict[tuple[str, str, int], dict] = {}
-    for task in tasks:
-        for method in methods:
-            for seed in seeds:
-                run_dir = out / "runs" / task / f"{method}-s{seed}"
-                cfg = cell_config(task, method, seed, budget, out, layers, threads)
-                m = finished_run(run_dir, cfg, None, "use another --out")
-                if m is not None:
-                    results[(task, method, seed)] = m
-                else:
-                    todo[(task, method, seed)] = to_dict(cfg)
+    results, pending = _stored_cells(tasks, methods, seeds, budget, out, layers, threads, "use another --out")
+    todo = {cell: to_dict(cfg) for cell, cfg in pending.items()}
     # a dataset regenerated since (e.g. from a re-exported expert) must not mix with runs on its old data
     for task in sorted({k[0] for k in results}):
         _, ds = prepare_dataset(build_config(budget, [*layers, {"data": {"source": task}}]).data)
@@ -558,25 +552,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _finished_cells(
-    tasks: list[str], methods: list[str], seeds: list[int], budget: str, out: Path, layers: list[dict]
-) -> dict[tuple[str, str, int], dict]:
-    """The cells whose runs in ``out`` finished at this budget's config (a run of another config is a
-    one-line error, as when the table runs); the others are named as not finished."""
+def _stored_cells(
+    tasks: list[str],
+    methods: list[str],
+    seeds: list[int],
+    budget: str,
+    out: Path,
+    layers: list[dict],
+    threads: int,
+    rerun: str,
+) -> tuple[dict[tuple[str, str, int], dict], dict[tuple[str, str, int], RunConfig]]:
+    """(the metrics of each cell whose run in ``out`` finished at this budget's config, the config of each
+    other cell); a run of another config is a one-line error ending in ``rerun``."""
     from obd.runs import finished_run
 
-    results, missing = {}, []
+    results: dict[tuple[str, str, int], dict] = {}
+    pending: dict[tuple[str, str, int], RunConfig] = {}
     for task in tasks:
         for method in methods:
             for seed in seeds:
-                run_dir = out / "runs" / task / f"{method}-s{seed}"
-                if not (run_dir / "metrics.json").is_file():
-                    continue
-                m = finished_run(run_dir, cell_config(task, method, seed, budget, out, layers, 1), None, "move it away")
+                cfg = cell_config(task, method, seed, budget, out, layers, threads)
+                m = finished_run(out / "runs" / task / f"{method}-s{seed}", cfg, None, rerun)
                 if m is None:
-                    missing.append(f"{task}/{method}/s{seed}")
+                    pending[(task, method, seed)] = cfg
                 else:
                     results[(task, method, seed)] = m
+    return results, pending
+
+
+def _finished_cells(
+    tasks: list[str], methods: list[str], seeds: list[int], budget: str, out: Path, layers: list[dict]
+) -> dict[tuple[str, str, int], dict]:
+    """The cells whose runs in ``out`` finished at this budget's config; stored runs that did not are named."""
+    results, pending = _stored_cells(tasks, methods, seeds, budget, out, layers, 1, "move it away")
+    missing = [f"{t}/{m}/s{s}" for t, m, s in pending if (out / "runs" / t / f"{m}-s{s}" / "metrics.json").is_file()]
     if missing:
         print(f"not finished at budget {budget}: {', '.join(missing)}")
     return results

@@ -96,6 +96,13 @@ def test_table_runs_every_cell_once_and_rebuilds(tmp_path, capsys):
     # a changed configuration in the same OUT is refused, not mixed in
     cfg.write_text(yaml.safe_dump({**TINY, "distill": {**TINY["distill"], "n_synthetic": 4}}))
     assert cli(main, args) == 2 and "another configuration" in capsys.readouterr().err
+    # a rebuild counts only the runs finished at this config: another one is refused, shorter ones are named
+    assert cli(main, [*args[:-1], str(out), "--rebuild"]) == 2 and "move it away" in capsys.readouterr().err
+    cfg.write_text(yaml.safe_dump({**TINY, "outer_steps": 4}))
+    distilled = [a if a != "random,avpbc,sdw" else "avpbc,sdw" for a in args[:-1]]  # their runs continue
+    assert main([*distilled, str(out), "--rebuild"]) == 0
+    printed = capsys.readouterr().out
+    assert "not finished at budget smoke:" in printed and "hopper-random/avpbc/s0" in printed
 
 
 @pytest.mark.slow
