@@ -216,13 +216,17 @@ def build_table(
             1,
         )
         rows.append(row)
+    if not rows:  # writing an empty table would leave table.csv of an earlier build beside an empty table.md
+        raise ObdError(
+            f"{out}: no finished run of {', '.join(methods)} on {', '.join(tasks)} at budget {budget}; "
+            "the table files are left as they were"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    if rows:
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(out / "table.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "table.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
     claim = diversity_claim(rows)
     (out / "table.md").write_text(markdown(rows, methods, claim))
     plot(rows, out / "table.png")

@@ -100,9 +100,12 @@ def test_table_runs_every_cell_once_and_rebuilds(tmp_path, capsys):
     assert cli(main, [*args[:-1], str(out), "--rebuild"]) == 2 and "move it away" in capsys.readouterr().err
     cfg.write_text(yaml.safe_dump({**TINY, "outer_steps": 4}))
     distilled = [a if a != "random,avpbc,sdw" else "avpbc,sdw" for a in args[:-1]]  # their runs continue
-    assert main([*distilled, str(out), "--rebuild"]) == 0
-    printed = capsys.readouterr().out
-    assert "not finished at budget smoke:" in printed and "hopper-random/avpbc/s0" in printed
+    table = (tmp_path / "res" / "table.csv").read_text()
+    assert cli(main, [*distilled, str(out), "--rebuild"]) == 2
+    captured = capsys.readouterr()
+    assert "not finished at budget smoke:" in captured.out and "hopper-random/avpbc/s0" in captured.out
+    assert "no finished run of avpbc, sdw" in captured.err  # and the earlier table is kept, not emptied
+    assert (tmp_path / "res" / "table.csv").read_text() == table
 
 
 @pytest.mark.slow
