@@ -270,8 +270,8 @@ def diversity_claim(rows: list[dict]) -> dict | None:
 
     from scipy.stats import spearmanr
 
-    pts = [(r["state_diversity"], r["sdw_minus_avpbc"]) for r in rows if r.get("state_diversity") is not None]
-    pts = [(x, y) for x, y in pts if y is not None]
+    pts = [(r.get("state_diversity"), r.get("sdw_minus_avpbc")) for r in rows]  # neither in a baselines-only table
+    pts = [(x, y) for x, y in pts if x is not None and y is not None]
     if len(pts) < 4:
         return None
     rho, p = spearmanr([x for x, _ in pts], [y for _, y in pts])

@@ -192,6 +192,17 @@ def test_table_compares_distillation_with_the_best_set_that_needs_no_outer_loop(
     assert row["avpbc_minus_best_baseline_ci_low"] > 0 and row["scored_evaluations_per_run"] == 5
     md = (tmp_path / "table.md").read_text()
     assert "Av-PBC - best no-BPTT set" in md and "vs kmeans-teacher" in md
+    # the baselines alone, on datasets whose diversity is known, make a table with no SDW claim
+    tasks = ["hopper-medium", "hopper-random", "walker2d-medium", "walker2d-random"]
+    base = {
+        (t, m, s): {**run(m, s, 5.0 + s), "task": t, "state_diversity_knn10": 0.5 + i}
+        for i, t in enumerate(tasks)
+        for m in ("random", "kmeans-teacher")
+        for s in range(3)
+    }
+    rows = build_table(base, tasks, ["random", "kmeans-teacher"], "quick", tmp_path / "base")
+    assert len(rows) == 4 and all(r["state_diversity"] and "sdw_minus_avpbc" not in r for r in rows)
+    assert "Spearman" not in (tmp_path / "base" / "table.md").read_text()
 
 
 def _cells_of(db: str, out) -> list:
