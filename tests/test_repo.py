@@ -67,7 +67,9 @@ def test_generated_tables_of_readme_and_docs_match_the_committed_files():
         for name, body in BLOCK.findall(page.read_text()):
             names.append(name)
             assert body == block(name, page, ROOT), f"{page.name}: block {name} is out of date; run python -m obd.docs"
-    assert {"results/quick", "docs:policies", "docs:weights", "docs:quick-steps", "docs:curves"} <= set(names)
+    assert {"../results/quick", "docs:policies", "docs:weights", "docs:quick-steps", "docs:curves"} <= set(names)
+    readme = [name for name, _ in BLOCK.findall((ROOT / "README.md").read_text())]
+    assert {"results/converged", "readings:results/converged", "docs:converged"} <= set(readme)
 
 
 def obd_imports() -> dict[str, set[str]]:
