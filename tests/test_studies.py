@@ -77,6 +77,7 @@ def test_table_runs_every_cell_once_and_rebuilds(tmp_path, capsys):
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert "| hopper-random | " in text and f"![results]({out}/table.png)" in text
+    assert "Mean CPU seconds per run (the run's own process" in text  # not wall time, which load inflates
     # a rebuild (metrics files only, no dataset) refuses a row whose runs came from two datasets
     one = json.loads(metrics[0].read_text())
     metrics[0].write_text(json.dumps({**one, "data_hash": "0" * 16}))
