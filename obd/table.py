@@ -415,16 +415,16 @@ def readme_block(out: Path, root: Path = Path(".")) -> str:
     with open(root / out / "table.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     lines = [(root / out / "table.md").read_text().rstrip(), "", f"![results]({out.as_posix()}/table.png)"]
-    shown = [(r, m) for r in rows for m in ("avpbc", "sdw", "random") if r.get(f"{m}_wall_s")]
+    shown = {r["task"]: [m for m in ("avpbc", "sdw", "random") if r.get(f"{m}_wall_s")] for r in rows}
     # a run's own CPU time does not depend on what else ran beside it; wall time for runs that predate it
-    cpu = all(r.get(f"{m}_cpu_s") for r, m in shown)
+    cpu = all(r.get(f"{m}_cpu_s") for r in rows for m in shown[r["task"]])
     key, what = (
         ("cpu_s", "CPU seconds per run (the run's own process: distillation and evaluations)")
         if cpu
         else ("wall_s", "wall time per run, seconds")
     )
     per_task = [
-        f"{r['task']} " + ", ".join(f"{m} {float(r[f'{m}_{key}']):.0f}" for rr, m in shown if rr is r) for r in rows
+        f"{r['task']} " + ", ".join(f"{m} {float(r[f'{m}_{key}']):.0f}" for m in shown[r["task"]]) for r in rows
     ]
     lines += ["", f"Mean {what}: " + "; ".join(per_task) + "."]
     return "\n".join(lines) + "\n"
