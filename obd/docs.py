@@ -16,6 +16,8 @@ NAME is a results folder (``results/quick``: the table of ``obd.table``, see
   dataset: Av-PBC and SDW - Av-PBC, and whether the SDW - Av-PBC reading changed;
 - ``docs:converged``: the ``converged`` budget per dataset (outer steps, teacher steps) and a run's
   distillation CPU minutes at that length, read off ``results/curves/curves.csv``;
+- ``docs:failed-policies``: per dataset of ``results/converged``, the share of Av-PBC's and SDW's evaluation
+  policies that fail, and the others' mean return;
 - ``docs:teachers``: every teacher a committed run or ``results/teachers/*.json`` (the output of
   ``python -m obd.targets``) records, its score beside CORL's TD3+BC.
 
@@ -287,6 +289,40 @@ def converged_table(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+FAILED = 5.0  # normalized return: a policy at most this far above the random policy's (0) has failed
+
+
+def failed_policies_table(root: Path) -> str:
+    """Per dataset of the converged table, Av-PBC's and SDW's fresh evaluation policies in their scored
+    evaluations: the share that fail (normalized return below :data:`FAILED`), mean over seeds with the
+    seeds' range, and the mean return of the others. A score can fall because more policies fail or
+    because the others do worse; this tells which."""
+    from obd.table import NINE
+
+    folder = root / "results" / "converged"
+    by_method = {m: _runs(folder, m) for m in ("avpbc", "sdw")}
+
+    def cell(runs: list[dict]) -> str:
+        shares, rest = [], []
+        for m in runs:
+            scored = set(m["scored_steps"])
+            ps = np.array([x for h in m["history"] if h["step"] in scored for x in h["policy_scores"]])
+            shares.append(float(np.mean(ps < FAILED)))
+            rest.extend(ps[ps >= FAILED].tolist())
+        others = f"{np.mean(rest):.1f}" if rest else "-"
+        return f"{np.mean(shares):.0%} ({min(shares):.0%}-{max(shares):.0%}) | {others} | {len(runs)}"
+
+    lines = [
+        f"| dataset | Av-PBC: policies below {FAILED:g} (seeds' range) | Av-PBC: mean of the others | seeds | "
+        f"SDW: policies below {FAILED:g} | SDW: mean of the others | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task in NINE:
+        if task in by_method["avpbc"] and task in by_method["sdw"]:
+            lines.append(f"| {task} | {cell(by_method['avpbc'][task])} | {cell(by_method['sdw'][task])} |")
+    return "\n".join(lines) + "\n"
+
+
 def variants_table(folder: Path) -> str:
     """One row per recipe of ``folder/variants.csv``: its plateau, and its paired difference from the
     reference at the same outer steps and on each one's own plateau."""
@@ -368,6 +404,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "docs:curves-comparison": curves_comparison_table,
     "docs:teachers": teachers_table,
     "docs:converged": converged_table,
+    "docs:failed-policies": failed_policies_table,
 }
 
 

@@ -339,6 +339,24 @@ def test_the_table_tests_sdws_claim_by_a_rank_correlation_with_state_diversity(t
     assert diversity_claim(rows[:3]) is None
 
 
+def test_failed_policies_table_splits_a_score_into_failing_policies_and_the_others(tmp_path):
+    from obd.docs import failed_policies_table
+
+    def run(method: str, seed: int, scored: list[float], early: list[float]) -> None:
+        d = tmp_path / "results" / "converged" / "runs" / "walker2d-medium" / f"{method}-s{seed}"
+        d.mkdir(parents=True)
+        hist = [{"step": 100, "policy_scores": early}, {"step": 200, "policy_scores": scored}]
+        m = {"task": "walker2d-medium", "scored_steps": [200], "history": hist}
+        d.joinpath("metrics.json").write_text(json.dumps(m))
+
+    run("avpbc", 0, [0.0, 1.0, 60.0, 80.0], early=[0.0, 0.0, 0.0, 0.0])  # the unscored evaluation is ignored
+    run("avpbc", 1, [0.0, 50.0, 50.0, 50.0], early=[90.0] * 4)
+    run("sdw", 0, [20.0, 20.0, 20.0, 4.9], early=[0.0] * 4)
+    run("hopper-only", 0, [1.0], early=[1.0])
+    lines = failed_policies_table(tmp_path).splitlines()
+    assert lines[2:] == ["| walker2d-medium | 38% (25%-50%) | 58.0 | 2 | 25% (25%-25%) | 20.0 | 1 |"]
+
+
 def test_a_tables_readings_against_the_quick_table_say_which_verdict_changed(tmp_path):
     from obd.config import build_config
     from obd.docs import readings_table
