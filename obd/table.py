@@ -208,7 +208,7 @@ def build_table(
         row["runs"], row["runs_with_cpu"] = len(mine), len(cpu)
         row["machines"] = "; ".join(sorted({(r.get("versions") or {}).get("machine") or "not recorded" for r in mine}))
         trained = (teacher or {}).get("train_seconds")
-        row["teacher_train_hours"] = round(trained / 3600, 2) if trained else None
+        row["teacher_train_hours"] = round(trained / 3600, 2) if trained is not None else None  # 0.0: a tiny teacher
         row["scored_evaluations_per_run"] = round(
             float(
                 np.mean([r["last_k_used"] for (t, mm, _), r in results.items() if t == task and mm in DISTILL_METHODS])
