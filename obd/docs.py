@@ -289,7 +289,7 @@ def converged_table(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-FAILED = 5.0  # normalized return: a policy at most this far above the random policy's (0) has failed
+FAILED = 5.0  # normalized return below which a policy counts as failed (the random policy scores 0)
 
 
 def failed_policies_table(root: Path) -> str:

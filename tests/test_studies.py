@@ -180,7 +180,8 @@ def test_table_compares_distillation_with_the_best_set_that_needs_no_outer_loop(
             "data_hash": "h",
             "transitions": 10,
             "behaviour_score": 40.0,
-            "teacher": None,
+            # a tiny teacher's training rounds to 0.0 s: still a teacher in the compute line
+            "teacher": {"train_seconds": 0.0, "normalized_return": {"mean": 50.0, "se": 1.0, "episodes": 20}},
             "last_k_used": 5 if method in ("avpbc", "sdw") else 1,
         }
 
@@ -191,6 +192,7 @@ def test_table_compares_distillation_with_the_best_set_that_needs_no_outer_loop(
     assert row["best_baseline"] == "kmeans-teacher"  # the highest mean of the three
     assert row["avpbc_minus_best_baseline"] == pytest.approx(18.33, abs=0.01)
     assert row["avpbc_minus_best_baseline_ci_low"] > 0 and row["scored_evaluations_per_run"] == 5
+    assert row["teacher_train_hours"] == 0.0 and row["teacher_score"] == 50.0
     md = (tmp_path / "table.md").read_text()
     assert "Av-PBC - best no-BPTT set" in md and "vs kmeans-teacher" in md
     # the baselines alone, on datasets whose diversity is known, make a table with no SDW claim
@@ -352,7 +354,7 @@ def test_failed_policies_table_splits_a_score_into_failing_policies_and_the_othe
     run("avpbc", 0, [0.0, 1.0, 60.0, 80.0], early=[0.0, 0.0, 0.0, 0.0])  # the unscored evaluation is ignored
     run("avpbc", 1, [0.0, 50.0, 50.0, 50.0], early=[90.0] * 4)
     run("sdw", 0, [20.0, 20.0, 20.0, 4.9], early=[0.0] * 4)
-    run("hopper-only", 0, [1.0], early=[1.0])
+    run("random", 0, [1.0], early=[1.0])  # a baseline's policies are not counted
     lines = failed_policies_table(tmp_path).splitlines()
     assert lines[2:] == ["| walker2d-medium | 38% (25%-50%) | 58.0 | 2 | 25% (25%-25%) | 20.0 | 1 |"]
 
